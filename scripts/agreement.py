@@ -1,0 +1,8 @@
+"""Snakemake entry point; the work is in spinecohort.entry.agreement."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - the checkout, for conda envs
+from spinecohort.entry import agreement  # noqa: E402
+
+agreement(snakemake)  # noqa: F821

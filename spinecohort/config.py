@@ -1,0 +1,80 @@
+"""Configuration: defaults, safe YAML loading and JSON-schema validation."""
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import jsonschema
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "manifest": None,
+    "labels": None,
+    "outdir": "results",
+    "shard_size": 25,
+    "device": "auto",
+    "threads": 2,
+    "demo": {"n_scans": 12, "seed": 0},
+    "models": {"family": "cpu-default", "dir": None},
+    "graded_discs": ["T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"],
+    "tta": 4,
+    "hotspots": "report",
+    "agreement": {"bootstrap": 2000, "seed": 0},
+    "qc": True,
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    text = resources.files("spinecohort.schemas").joinpath(f"{name}.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults + given keys, validated. Raises :class:`ConfigError` naming the bad key."""
+    merged = _merge(DEFAULTS, config)
+    try:
+        jsonschema.validate(merged, load_schema("config"))
+    except jsonschema.ValidationError as error:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ConfigError(f"config key {where}: {error.message}") from None
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as handle:
+            raw = yaml.safe_load(handle) or {}
+    return resolve_config(_merge(raw, overrides or {}))
+
+
+def demo_paths(config: Mapping[str, Any]) -> dict[str, Path]:
+    """Where the demo cohort lives when no manifest is configured."""
+    root = Path(config["outdir"]) / "demo"
+    return {"root": root, "manifest": root / "manifest.csv", "labels": root / "labels.csv", "truth": root / "truth.parquet"}
+
+
+def manifest_path(config: Mapping[str, Any]) -> Path:
+    return Path(config["manifest"]) if config.get("manifest") else demo_paths(config)["manifest"]
+
+
+def labels_path(config: Mapping[str, Any]) -> Path | None:
+    if config.get("labels"):
+        return Path(config["labels"])
+    return None if config.get("manifest") else demo_paths(config)["labels"]

@@ -1,0 +1,71 @@
+"""Snakemake rule entry points: each takes the ``snakemake`` object a ``script:`` rule receives."""
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+
+@contextmanager
+def _job_logging(smk: Any) -> Iterator[None]:
+    """Log to the rule's log file; an uncaught error is logged there too before it propagates."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if smk.log:
+        handlers.append(logging.FileHandler(str(smk.log[0]), mode="w"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
+    try:
+        yield
+    except Exception:
+        logging.getLogger("spinecohort").exception("rule %s failed", smk.rule)
+        raise
+
+
+def _created_by(smk: Any) -> str:
+    return shlex.join(["snakemake", f"rule={smk.rule}", *[f"{k}={v}" for k, v in dict(smk.wildcards).items()]])
+
+
+def run_stage(smk: Any) -> None:
+    from .pipeline import run_shard_stage
+
+    with _job_logging(smk):
+        run_shard_stage(smk.params.stage, smk.params.config, smk.input.manifest, int(smk.wildcards.shard), _created_by(smk))
+
+
+def render_qc(smk: Any) -> None:
+    from .pipeline import render_shard_qc
+
+    with _job_logging(smk):
+        render_shard_qc(smk.params.config, smk.input.manifest, int(smk.wildcards.shard))
+
+
+def cohort_tables(smk: Any) -> None:
+    from .pipeline import write_cohort_tables
+
+    with _job_logging(smk):
+        write_cohort_tables(smk.params.config, smk.input.manifest, int(smk.params.n_shards), created_by=_created_by(smk))
+
+
+def report(smk: Any) -> None:
+    from .report_stage import build_report
+
+    with _job_logging(smk):
+        build_report(smk.params.config, scans=smk.input.scans, discs=smk.input.discs,
+                     agreement=smk.input.agreement[0] if smk.input.agreement else None,
+                     labels=smk.input.labels[0] if smk.input.labels else None, out=smk.output[0])
+
+
+def demo_cohort(smk: Any) -> None:
+    from .demo import build_demo_cohort
+
+    with _job_logging(smk):
+        build_demo_cohort(smk.params.root, int(smk.params.n_scans), int(smk.params.seed), created_by=_created_by(smk))
+
+
+def agreement(smk: Any) -> None:
+    from .stats import run_agreement
+
+    with _job_logging(smk):
+        run_agreement(smk.input.discs, smk.input.labels, smk.output.agreement, n_bootstrap=int(smk.params.bootstrap),
+                      seed=int(smk.params.seed), created_by=_created_by(smk))

@@ -1,0 +1,466 @@
+"""Ingestion: a manifest ``path`` (DICOM folder, ``.zip`` or NIfTI) -> one sagittal volume.
+
+The volume is float32 ``(slices, rows, cols)``: slices ordered by increasing position along the
+slice normal (never by file name or InstanceNumber), rows and cols as stored. ``affine`` maps
+``(slice, row, col, 1)`` to DICOM patient coordinates (LPS, mm). Metadata holds no PHI: only an
+allow-list of acquisition fields is copied.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from .provenance import atomic_write_bytes
+
+# A series counts as sagittal when its slice normal lies within this angle of patient left-right.
+SAGITTAL_MAX_ANGLE_DEG = 30.0
+# Slices closer than this along the normal are duplicates of one position.
+DUPLICATE_POSITION_MM = 0.01
+# A gap this many times the typical spacing means slices are missing.
+MISSING_SLICE_GAP_FACTOR = 1.5
+MAX_ZIP_MEMBER_BYTES = 512 << 20
+
+# The only header fields that leave ingestion (no identifiers, no dates).
+_SAFE_FIELDS = (
+    "SeriesDescription", "Modality", "Manufacturer", "ManufacturerModelName",
+    "MagneticFieldStrength", "EchoTime", "RepetitionTime", "InversionTime", "FlipAngle",
+    "ScanningSequence", "SequenceVariant", "SliceThickness",
+)
+
+
+class IngestError(Exception):
+    """A scan that cannot be ingested; the message names the scan, the file and the problem."""
+
+
+@dataclass
+class Series:
+    volume: np.ndarray
+    affine: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pixel_spacing_mm(self) -> tuple[float, float]:
+        return tuple(self.meta["pixel_spacing_mm"])  # type: ignore[return-value]
+
+    @property
+    def slice_spacing_mm(self) -> float:
+        return float(self.meta["slice_spacing_mm"])
+
+    def to_patient(self, points: np.ndarray) -> np.ndarray:
+        """``(n, 3)`` (slice, row, col) -> ``(n, 3)`` patient LPS mm."""
+        points = np.atleast_2d(np.asarray(points, dtype=float))
+        return points @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def to_index(self, patient_mm: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_patient`."""
+        patient_mm = np.atleast_2d(np.asarray(patient_mm, dtype=float))
+        return np.linalg.solve(self.affine[:3, :3], (patient_mm - self.affine[:3, 3]).T).T
+
+
+# ----------------------------------------------------------------------------- file discovery
+@dataclass
+class _Source:
+    """One DICOM file, on disk or a member of a zip."""
+
+    label: str  # what error messages call it: a path relative to the scan, or zip!member
+    path: Path | None = None
+    data: bytes | None = None
+
+    def read(self, stop_before_pixels: bool) -> pydicom.Dataset:
+        handle: Any = io.BytesIO(self.data) if self.data is not None else str(self.path)
+        try:
+            return pydicom.dcmread(handle, stop_before_pixels=stop_before_pixels)
+        except InvalidDicomError:
+            # Files written without the 128-byte preamble are still DICOM; junk is rejected
+            # below by requiring the tags a slice needs.
+            handle = io.BytesIO(self.data) if self.data is not None else str(self.path)
+            return pydicom.dcmread(handle, stop_before_pixels=stop_before_pixels, force=True)
+
+
+def _iter_sources(path: Path) -> Iterator[_Source]:
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = Path(root) / name
+                yield _Source(label=str(full.relative_to(path)), path=full)
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            # Members are read into memory, never extracted, so no member name can write anywhere.
+            for info in sorted(archive.infolist(), key=lambda i: i.filename):
+                if info.is_dir() or info.file_size > MAX_ZIP_MEMBER_BYTES:
+                    continue
+                yield _Source(label=f"{path.name}!{info.filename}", data=archive.read(info))
+    else:
+        yield _Source(label=path.name, path=path)
+
+
+# ----------------------------------------------------------------------------- geometry helpers
+@dataclass
+class _Frame:
+    """One 2D image of a series: a single-frame file or one frame of an enhanced file."""
+
+    source: _Source
+    frame_index: int | None
+    position: np.ndarray  # ImagePositionPatient
+    row_cos: np.ndarray   # direction of increasing column index
+    col_cos: np.ndarray   # direction of increasing row index
+    pixel_spacing: tuple[float, float]  # (between rows, between columns)
+    rows: int
+    cols: int
+    instance_uid: str
+    acquisition_order: float
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_cos, self.col_cos)
+
+
+def _float_list(value: Any, n: int, what: str) -> np.ndarray:
+    array = np.asarray([float(v) for v in value], dtype=float)
+    if array.shape != (n,) or not np.all(np.isfinite(array)):
+        raise ValueError(f"{what} must hold {n} finite numbers")
+    return array
+
+
+def _frames_of(ds: pydicom.Dataset, source: _Source) -> list[_Frame]:
+    uid = str(ds.get("SOPInstanceUID", source.label))
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" in ds:
+        return _enhanced_frames(ds, source, uid)
+    missing = [t for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns") if t not in ds]
+    if missing:
+        raise ValueError(f"missing tag(s) {', '.join(missing)}")
+    orientation = _float_list(ds.ImageOrientationPatient, 6, "ImageOrientationPatient")
+    return [_Frame(
+        source=source, frame_index=None,
+        position=_float_list(ds.ImagePositionPatient, 3, "ImagePositionPatient"),
+        row_cos=orientation[:3], col_cos=orientation[3:],
+        pixel_spacing=tuple(_float_list(ds.PixelSpacing, 2, "PixelSpacing")),
+        rows=int(ds.Rows), cols=int(ds.Columns), instance_uid=uid,
+        acquisition_order=float(ds.get("InstanceNumber", 0) or 0),
+        slope=float(ds.get("RescaleSlope", 1.0) or 1.0), intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+    )]
+
+
+def _enhanced_frames(ds: pydicom.Dataset, source: _Source, uid: str) -> list[_Frame]:
+    """Frames of an enhanced multi-frame MR object (functional groups, PS3.3 C.7.6.16)."""
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else pydicom.Dataset()
+
+    def group(item: pydicom.Dataset, name: str) -> pydicom.Dataset | None:
+        for container in (item, shared):
+            if name in container and len(container[name].value):
+                return container[name].value[0]
+        return None
+
+    frames = []
+    for index, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        position = group(item, "PlanePositionSequence")
+        orientation = group(item, "PlaneOrientationSequence")
+        measures = group(item, "PixelMeasuresSequence")
+        if position is None or orientation is None or measures is None:
+            raise ValueError(f"frame {index + 1} lacks plane position, orientation or pixel measures")
+        transform = group(item, "PixelValueTransformationSequence")
+        cosines = _float_list(orientation.ImageOrientationPatient, 6, "ImageOrientationPatient")
+        frames.append(_Frame(
+            source=source, frame_index=index,
+            position=_float_list(position.ImagePositionPatient, 3, "ImagePositionPatient"),
+            row_cos=cosines[:3], col_cos=cosines[3:],
+            pixel_spacing=tuple(_float_list(measures.PixelSpacing, 2, "PixelSpacing")),
+            rows=int(ds.Rows), cols=int(ds.Columns), instance_uid=f"{uid}#{index}",
+            acquisition_order=float(index),
+            slope=float(getattr(transform, "RescaleSlope", 1.0) or 1.0) if transform else float(ds.get("RescaleSlope", 1.0) or 1.0),
+            intercept=float(getattr(transform, "RescaleIntercept", 0.0) or 0.0) if transform else float(ds.get("RescaleIntercept", 0.0) or 0.0),
+        ))
+    return frames
+
+
+@dataclass
+class _SeriesGroup:
+    uid: str
+    header: pydicom.Dataset
+    frames: list[_Frame] = field(default_factory=list)
+
+    @property
+    def description(self) -> str:
+        return str(self.header.get("SeriesDescription", "") or "")
+
+    def normal(self) -> np.ndarray:
+        return self.frames[0].normal
+
+    def is_sagittal(self) -> bool:
+        normal = self.normal()
+        cosine = abs(normal[0]) / (np.linalg.norm(normal) or 1.0)
+        return cosine >= math.cos(math.radians(SAGITTAL_MAX_ANGLE_DEG))
+
+
+# ----------------------------------------------------------------------------- series choice
+def _t2_score(group: _SeriesGroup) -> tuple[int, str]:
+    """How T2-like a series is, from its description, then EchoTime/RepetitionTime."""
+    text = group.description.upper().replace(" ", "")
+    te = float(group.header.get("EchoTime", 0) or 0)
+    tr = float(group.header.get("RepetitionTime", 0) or 0)
+    if "T2" in text and "STIR" not in text and "T2*" not in text:
+        return 3, f"SeriesDescription '{group.description}' names T2"
+    if te >= 60 and tr >= 1500 and "STIR" not in text and "TIRM" not in text:
+        return 2, f"EchoTime {te:g} ms / RepetitionTime {tr:g} ms are T2-weighted"
+    if "T1" in text or (0 < te < 30 and 0 < tr < 1000):
+        return 1, "T1-weighted"
+    return 0, "contrast not recognised"
+
+
+def _choose_series(groups: list[_SeriesGroup], selector: str | None, scan: str) -> tuple[_SeriesGroup, str]:
+    if selector:
+        wanted = selector.strip()
+        chosen = [g for g in groups if g.uid == wanted] or [g for g in groups if wanted.lower() in g.description.lower()]
+        if not chosen:
+            known = "; ".join(f"{g.uid} '{g.description}'" for g in groups)
+            raise IngestError(f"scan {scan}: no series matches selector '{wanted}' (series found: {known})")
+        if len(chosen) > 1:
+            chosen.sort(key=lambda g: (-len(g.frames), g.uid))
+            return chosen[0], f"manifest series '{wanted}' matched {len(chosen)} series; took the one with most slices"
+        return chosen[0], f"manifest series '{wanted}'"
+    sagittal = [g for g in groups if g.is_sagittal()]
+    if not sagittal:
+        described = "; ".join(f"'{g.description}' normal {np.round(g.normal(), 2).tolist()}" for g in groups)
+        raise IngestError(f"scan {scan}: no sagittal series (slice normal within {SAGITTAL_MAX_ANGLE_DEG:g} deg of left-right): {described}")
+    if len(sagittal) == 1:
+        return sagittal[0], "only sagittal series"
+    scored = sorted(sagittal, key=lambda g: (-_t2_score(g)[0], -len(g.frames), g.uid))
+    best = scored[0]
+    return best, f"{len(sagittal)} sagittal series; chose '{best.description}': {_t2_score(best)[1]}"
+
+
+# ----------------------------------------------------------------------------- public entry
+def ingest(path: str | os.PathLike, scan_id: str, series: str | None = None) -> Series:
+    """Read one scan. Raises :class:`IngestError` with a one-line reason on any failure."""
+    path = Path(path)
+    if not path.exists():
+        raise IngestError(f"scan {scan_id}: file {path}: does not exist")
+    name = path.name.lower()
+    if path.is_file() and (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return _ingest_nifti(path, scan_id)
+    try:
+        return _ingest_dicom(path, scan_id, series)
+    except IngestError:
+        raise
+    except (zipfile.BadZipFile, OSError) as error:
+        raise IngestError(f"scan {scan_id}: file {path}: {error}") from error
+
+
+def _ingest_dicom(path: Path, scan_id: str, selector: str | None) -> Series:
+    groups: dict[str, _SeriesGroup] = {}
+    skipped: list[str] = []
+    broken: list[str] = []
+    for source in _iter_sources(path):
+        try:
+            ds = source.read(stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - anything unreadable is junk beside the series
+            skipped.append(source.label)
+            continue
+        if "SeriesInstanceUID" not in ds or "Rows" not in ds:
+            skipped.append(source.label)
+            continue
+        try:
+            frames = _frames_of(ds, source)
+        except (ValueError, TypeError, AttributeError) as error:
+            broken.append(f"{source.label}: {error}")
+            continue
+        uid = str(ds.SeriesInstanceUID)
+        group = groups.setdefault(uid, _SeriesGroup(uid=uid, header=ds))
+        group.frames.extend(frames)
+    if not groups:
+        detail = f"; {broken[0]}" if broken else ""
+        raise IngestError(f"scan {scan_id}: file {path}: no readable DICOM image found ({len(skipped)} other file(s)){detail}")
+    chosen, reason = _choose_series(sorted(groups.values(), key=lambda g: g.uid), selector, scan_id)
+    warnings = [f"ignored {len(skipped)} non-DICOM or non-image file(s)"] if skipped else []
+    if broken:
+        warnings.append(f"{len(broken)} file(s) with unusable geometry ignored, first: {broken[0]}")
+    frames, sort_warnings = _sort_and_check(chosen, scan_id)
+    volume = _read_pixels(frames, scan_id)
+    affine = _affine(frames)
+    first = frames[0]
+    meta: dict[str, Any] = {
+        "series_uid": chosen.uid,
+        "series_description": chosen.description,
+        "series_choice": reason,
+        "source_format": "dicom",
+        "n_slices": int(volume.shape[0]),
+        "rows": int(volume.shape[1]),
+        "cols": int(volume.shape[2]),
+        "pixel_spacing_mm": [float(first.pixel_spacing[0]), float(first.pixel_spacing[1])],
+        "slice_spacing_mm": float(np.linalg.norm(affine[:3, 0])),
+        "warnings": warnings + sort_warnings,
+    }
+    for key in _SAFE_FIELDS:
+        value = chosen.header.get(key)
+        if value not in (None, ""):
+            meta[_snake(key)] = _plain(value)
+    return Series(volume=volume, affine=affine, meta=meta)
+
+
+def _sort_and_check(group: _SeriesGroup, scan: str) -> tuple[list[_Frame], list[str]]:
+    frames = group.frames
+    ref = frames[0]
+    normal = ref.normal / np.linalg.norm(ref.normal)
+    for frame in frames[1:]:
+        if (frame.rows, frame.cols) != (ref.rows, ref.cols):
+            raise IngestError(f"scan {scan}: file {frame.source.label}: {frame.rows}x{frame.cols} pixels, series has {ref.rows}x{ref.cols}")
+        if not np.allclose(frame.pixel_spacing, ref.pixel_spacing, atol=1e-3):
+            raise IngestError(f"scan {scan}: file {frame.source.label}: pixel spacing {frame.pixel_spacing} differs from {ref.pixel_spacing}")
+        if not (np.allclose(frame.row_cos, ref.row_cos, atol=1e-3) and np.allclose(frame.col_cos, ref.col_cos, atol=1e-3)):
+            raise IngestError(f"scan {scan}: file {frame.source.label}: orientation differs from the rest of the series")
+    warnings: list[str] = []
+    unique: dict[str, _Frame] = {}
+    for frame in frames:
+        unique.setdefault(frame.instance_uid, frame)
+    if len(unique) < len(frames):
+        warnings.append(f"{len(frames) - len(unique)} duplicate file(s) of one instance dropped")
+    # Position along the normal decides the order; InstanceNumber only breaks exact ties.
+    ordered = sorted(unique.values(), key=lambda f: (float(f.position @ normal), f.acquisition_order, f.instance_uid))
+    kept = [ordered[0]]
+    for frame in ordered[1:]:
+        if float((frame.position - kept[-1].position) @ normal) < DUPLICATE_POSITION_MM:
+            warnings.append(f"two images at one position ({frame.source.label}); kept the first")
+            continue
+        kept.append(frame)
+    if len(kept) < 2:
+        raise IngestError(f"scan {scan}: file {ref.source.label}: series has a single slice position, not a volume")
+    steps = np.diff([float(f.position @ normal) for f in kept])
+    typical = float(np.median(steps))
+    gaps = np.flatnonzero(steps > MISSING_SLICE_GAP_FACTOR * typical)
+    for gap in gaps:
+        n_missing = int(round(steps[gap] / typical)) - 1
+        warnings.append(f"{n_missing} slice(s) missing after slice {gap} ({kept[gap].source.label}); spacing {steps[gap]:.2f} mm vs {typical:.2f} mm")
+    return kept, warnings
+
+
+def _read_pixels(frames: list[_Frame], scan: str) -> np.ndarray:
+    volume = np.empty((len(frames), frames[0].rows, frames[0].cols), dtype=np.float32)
+    cache: dict[str, np.ndarray] = {}
+    for index, frame in enumerate(frames):
+        try:
+            if frame.frame_index is None:
+                pixels = frame.source.read(stop_before_pixels=False).pixel_array
+            else:
+                key = frame.source.label
+                if key not in cache:
+                    cache[key] = frame.source.read(stop_before_pixels=False).pixel_array
+                pixels = cache[key][frame.frame_index]
+        except Exception as error:  # noqa: BLE001 - decoder errors come in many types
+            raise IngestError(f"scan {scan}: file {frame.source.label}: pixel data unreadable ({type(error).__name__}: {error})") from error
+        if pixels.shape != volume.shape[1:]:
+            raise IngestError(f"scan {scan}: file {frame.source.label}: pixel array {pixels.shape} does not match {volume.shape[1:]} (colour or truncated image)")
+        volume[index] = pixels.astype(np.float32) * frame.slope + frame.intercept
+    return volume
+
+
+def _affine(frames: list[_Frame]) -> np.ndarray:
+    first, last = frames[0], frames[-1]
+    n = len(frames)
+    slice_step = (last.position - first.position) / (n - 1)
+    normal = first.normal / np.linalg.norm(first.normal)
+    # Keep only the component along the normal: a sheared stack is treated as its nominal grid.
+    slice_step = normal * float(slice_step @ normal)
+    affine = np.eye(4)
+    affine[:3, 0] = slice_step
+    affine[:3, 1] = first.col_cos * first.pixel_spacing[0]
+    affine[:3, 2] = first.row_cos * first.pixel_spacing[1]
+    affine[:3, 3] = first.position
+    return affine
+
+
+def _ingest_nifti(path: Path, scan_id: str) -> Series:
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as error:  # noqa: BLE001
+        raise IngestError(f"scan {scan_id}: file {path}: not a readable NIfTI image ({error})") from error
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise IngestError(f"scan {scan_id}: file {path}: NIfTI image has {data.ndim} dimensions, expected 3")
+    # NIfTI is RAS; DICOM patient space is LPS.
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.affine
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    # Slice axis: closest to left-right; row axis: closest to superior-inferior; col: the other.
+    slice_axis = int(np.argmax(np.abs(directions[0])))
+    rest = [a for a in range(3) if a != slice_axis]
+    row_axis = max(rest, key=lambda a: abs(directions[2, a]))
+    col_axis = next(a for a in rest if a != row_axis)
+    order = [slice_axis, row_axis, col_axis]
+    volume = np.transpose(data, order)
+    index_affine = np.eye(4)
+    index_affine[:3, :3] = affine[:3, order]
+    index_affine[:3, 3] = affine[:3, 3]
+    # NIfTI has no "as stored" display convention: flip so slices run along +x (left), rows run
+    # toward the feet and cols toward the back, as a sagittal DICOM series is usually stored.
+    wanted_sign = [(0, +1), (2, -1), (1, +1)]  # (patient axis, sign) for slice, row, col
+    for axis, (patient_axis, sign) in enumerate(wanted_sign):
+        if np.sign(index_affine[patient_axis, axis]) != sign:
+            volume = np.flip(volume, axis=axis)
+            extent = volume.shape[axis] - 1
+            index_affine[:3, 3] = index_affine[:3, 3] + index_affine[:3, axis] * extent
+            index_affine[:3, axis] = -index_affine[:3, axis]
+    spacing = np.linalg.norm(index_affine[:3, :3], axis=0)
+    volume = np.ascontiguousarray(volume, dtype=np.float32)
+    meta = {
+        "series_uid": "",
+        "series_description": "",
+        "series_choice": "NIfTI file",
+        "source_format": "nifti",
+        "n_slices": int(volume.shape[0]),
+        "rows": int(volume.shape[1]),
+        "cols": int(volume.shape[2]),
+        "pixel_spacing_mm": [float(spacing[1]), float(spacing[2])],
+        "slice_spacing_mm": float(spacing[0]),
+        "warnings": [],
+    }
+    return Series(volume=volume, affine=index_affine, meta=meta)
+
+
+def _snake(name: str) -> str:
+    out = []
+    for i, char in enumerate(name):
+        if char.isupper() and i and (not name[i - 1].isupper() or (i + 1 < len(name) and name[i + 1].islower())):
+            out.append("_")
+        out.append(char.lower())
+    return "".join(out)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+# ----------------------------------------------------------------------------- persistence
+def save_series(series: Series, path: str | os.PathLike) -> None:
+    """Store an ingested series for the next stage (atomic; no pickle)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, volume=series.volume, affine=series.affine, meta=np.array(json.dumps(series.meta)))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_series(path: str | os.PathLike) -> Series:
+    with np.load(path, allow_pickle=False) as data:
+        return Series(volume=data["volume"], affine=data["affine"], meta=json.loads(str(data["meta"])))

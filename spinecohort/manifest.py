@@ -1,0 +1,64 @@
+"""The cohort manifest: reading, validation, path resolution and sharding."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jsonschema
+import pandas as pd
+
+from .config import load_schema
+
+REQUIRED = ("scan_id", "subject_id", "path")
+OPTIONAL = ("series", "site", "visit")
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read and validate a manifest; paths become absolute (relative ones resolve against its folder).
+
+    Raises :class:`ManifestError` naming the row (1-based, header = row 1) and the problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"manifest {path}: file does not exist")
+    sep = "\t" if path.suffix.lower() in {".tsv", ".tab"} else ","
+    try:
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ManifestError(f"manifest {path}: not a readable {'TSV' if sep == chr(9) else 'CSV'} file ({error})") from None
+    frame.columns = [c.strip() for c in frame.columns]
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise ManifestError(f"manifest {path}: missing required column(s) {', '.join(missing)}; columns are {', '.join(frame.columns)}")
+    frame = frame.apply(lambda col: col.str.strip())
+    schema = load_schema("manifest")
+    for index, row in frame.iterrows():
+        record = {k: (v if v != "" else None) for k, v in row.items() if k in REQUIRED + OPTIONAL}
+        record = {k: v for k, v in record.items() if v is not None or k not in REQUIRED}
+        try:
+            jsonschema.validate(record, schema)
+        except jsonschema.ValidationError as error:
+            column = error.absolute_path[0] if error.absolute_path else ""
+            raise ManifestError(f"manifest {path}: row {index + 2} ({column or 'row'}): {error.message}") from None
+    duplicated = frame["scan_id"].duplicated(keep="first")
+    if duplicated.any():
+        first = int(duplicated.to_numpy().nonzero()[0][0])
+        raise ManifestError(f"manifest {path}: row {first + 2}: duplicate scan_id '{frame['scan_id'].iloc[first]}'")
+    for column in OPTIONAL:
+        if column not in frame.columns:
+            frame[column] = ""
+    frame["path"] = [str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in frame["path"]]
+    return frame.reset_index(drop=True)
+
+
+def n_shards(n_scans: int, shard_size: int) -> int:
+    return max(1, math.ceil(n_scans / shard_size))
+
+
+def shard_rows(manifest: pd.DataFrame, shard: int, shard_size: int) -> pd.DataFrame:
+    """Rows of one shard: contiguous blocks in manifest order, so shards are stable across runs."""
+    return manifest.iloc[shard * shard_size:(shard + 1) * shard_size]

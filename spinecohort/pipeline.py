@@ -1,0 +1,334 @@
+"""Shard-level execution of the pipeline's stages, and the cohort tables assembled from them.
+
+A shard is a contiguous block of manifest rows. Each stage job processes one shard: it loads its
+models once, processes every scan that the previous stage left ``ok``, and writes two Parquet
+files atomically: ``<stage>.status.parquet`` (one row per scan of the shard) and
+``<stage>.parquet`` (the stage's rows, e.g. vertebrae). A scan that fails is recorded with a
+one-line reason and never stops the shard.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from . import ingest as ingest_mod
+from .manifest import read_manifest, shard_rows
+from .provenance import make_provenance, write_table
+
+log = logging.getLogger("spinecohort")
+
+STATUS_COLUMNS = ["scan_id", "status", "error", "seconds"]
+
+
+@dataclass
+class ScanContext:
+    """What a stage sees of one scan."""
+
+    scan_id: str
+    row: Mapping[str, Any]
+    workdir: Path
+    previous: dict[str, pd.DataFrame] = field(default_factory=dict)  # stage name -> this scan's rows
+    _series: ingest_mod.Series | None = None
+
+    @property
+    def series_path(self) -> Path:
+        return series_path(self.workdir, self.scan_id)
+
+    @property
+    def series(self) -> ingest_mod.Series:
+        if self._series is None:
+            self._series = ingest_mod.load_series(self.series_path)
+        return self._series
+
+
+def series_path(workdir: Path, scan_id: str) -> Path:
+    return Path(workdir) / "series" / f"{scan_id}.npz"
+
+
+def shard_dir(outdir: str | Path, shard: int) -> Path:
+    return Path(outdir) / "work" / "shards" / f"{shard:04d}"
+
+
+class Stage:
+    """A pipeline stage. Subclasses set ``name``/``after`` and implement :meth:`run_scan`."""
+
+    name: str = ""
+    after: str | None = None  # stage whose ok scans this one processes
+    needs_rows_of: tuple[str, ...] = ()  # earlier stages whose rows a scan needs
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = config
+
+    def models(self) -> dict[str, str]:
+        """Model id -> sha256 of the weights this stage used (provenance)."""
+        return {}
+
+    def run_scan(self, scan: ScanContext) -> pd.DataFrame | None:
+        raise NotImplementedError
+
+    def run_batch(self, scans: list[ScanContext]) -> list[tuple[pd.DataFrame | None | BaseException, float]]:
+        """(rows or the error, seconds) per scan. Model stages override this to batch inference."""
+        results: list[tuple[pd.DataFrame | None | BaseException, float]] = []
+        for scan in scans:
+            started = time.perf_counter()
+            try:
+                outcome: pd.DataFrame | None | BaseException = self.run_scan(scan)
+            except Exception as error:  # noqa: BLE001 - one bad scan never stops the shard
+                outcome = error
+            results.append((outcome, time.perf_counter() - started))
+        return results
+
+
+class IngestStage(Stage):
+    name = "ingest"
+
+    def run_scan(self, scan: ScanContext) -> pd.DataFrame:
+        series_arg = scan.row.get("series") or None
+        series = ingest_mod.ingest(scan.row["path"], scan.scan_id, series_arg)
+        ingest_mod.save_series(series, scan.series_path)
+        meta = series.meta
+        return pd.DataFrame([{
+            "scan_id": scan.scan_id,
+            "series_uid": meta["series_uid"],
+            "series_description": meta["series_description"],
+            "series_choice": meta["series_choice"],
+            "n_slices": meta["n_slices"],
+            "rows": meta["rows"],
+            "cols": meta["cols"],
+            "pixel_spacing_mm": [float(v) for v in meta["pixel_spacing_mm"]],
+            "slice_spacing_mm": meta["slice_spacing_mm"],
+            "fov": f"{meta['rows'] * meta['pixel_spacing_mm'][0]:.0f}x{meta['cols'] * meta['pixel_spacing_mm'][1]:.0f} mm",
+            "ingest_warnings": "; ".join(meta["warnings"]),
+        }])
+
+
+STAGE_CLASSES: dict[str, type[Stage]] = {"ingest": IngestStage}
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    STAGE_CLASSES[cls.name] = cls
+    return cls
+
+
+def stage_order() -> list[str]:
+    """Stages in execution order (each after the one it names)."""
+    order = ["ingest"]
+    remaining = {n: c for n, c in STAGE_CLASSES.items() if n != "ingest"}
+    while remaining:
+        ready = [n for n, c in remaining.items() if c.after in order]
+        if not ready:
+            raise RuntimeError(f"stages with unknown predecessors: {sorted(remaining)}")
+        for name in sorted(ready):
+            order.append(name)
+            del remaining[name]
+    return order
+
+
+def _read_optional(path: Path) -> pd.DataFrame | None:
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def _format_error(stage: str, scan_id: str, error: BaseException) -> str:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if message.startswith(f"scan {scan_id}"):
+        return message
+    return f"scan {scan_id}: {stage}: {type(error).__name__}: {message}"
+
+
+def run_shard_stage(stage_name: str, config: Mapping[str, Any], manifest_file: str | Path, shard: int,
+                    created_by: str | None = None) -> None:
+    """Run one stage over one shard and write its status and rows."""
+    stage = STAGE_CLASSES[stage_name](config)
+    outdir = Path(config["outdir"])
+    workdir = outdir / "work"
+    here = shard_dir(outdir, shard)
+    manifest = read_manifest(manifest_file)
+    rows = shard_rows(manifest, shard, int(config["shard_size"]))
+    eligible = set(rows["scan_id"])
+    if stage.after is not None:
+        previous_status = pd.read_parquet(here / f"{stage.after}.status.parquet")
+        eligible = set(previous_status.loc[previous_status["status"] == "ok", "scan_id"])
+    previous_rows = {name: _read_optional(here / f"{name}.parquet") for name in stage.needs_rows_of}
+
+    contexts: list[ScanContext] = []
+    for _, row in rows.iterrows():
+        if row["scan_id"] not in eligible:
+            continue
+        context = ScanContext(scan_id=row["scan_id"], row=row.to_dict(), workdir=workdir)
+        for name, table in previous_rows.items():
+            if table is not None and len(table):
+                context.previous[name] = table[table["scan_id"] == row["scan_id"]].reset_index(drop=True)
+            else:
+                context.previous[name] = pd.DataFrame()
+        contexts.append(context)
+
+    statuses, parts = [], []
+    results = stage.run_batch(contexts) if contexts else []
+    for context, (result, seconds) in zip(contexts, results):
+        if isinstance(result, BaseException):
+            log.debug("".join(traceback.format_exception(result)))
+            statuses.append({"scan_id": context.scan_id, "status": "failed",
+                             "error": _format_error(stage_name, context.scan_id, result), "seconds": seconds})
+            continue
+        statuses.append({"scan_id": context.scan_id, "status": "ok", "error": "", "seconds": seconds})
+        if result is not None and len(result):
+            parts.append(result)
+    provenance = make_provenance(config, stage.models(), created_by)
+    status_frame = pd.DataFrame(statuses, columns=STATUS_COLUMNS)
+    rows_frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"scan_id": pd.Series(dtype=str)})
+    here.mkdir(parents=True, exist_ok=True)
+    # Rows first, status last: the status file is the rule's declared output, so a killed job
+    # never leaves a shard that looks complete.
+    write_table(rows_frame, here / f"{stage_name}.parquet", provenance)
+    write_table(status_frame, here / f"{stage_name}.status.parquet", provenance)
+
+
+# ----------------------------------------------------------------------------- cohort tables
+SCAN_COLUMNS = ["scan_id", "subject_id", "site", "visit", "status", "failed_stage", "error",
+                "series_uid", "series_description", "n_slices", "rows", "cols", "pixel_spacing_mm",
+                "slice_spacing_mm", "fov", "n_vertebrae", "n_discs"]
+
+
+def cohort_scans(config: Mapping[str, Any], manifest_file: str | Path, n_shards: int,
+                 stages: list[str]) -> pd.DataFrame:
+    """``tables/scans.parquet``: one row per manifest row, failures included."""
+    outdir = Path(config["outdir"])
+    manifest = read_manifest(manifest_file)
+    status: dict[str, list[pd.DataFrame]] = {s: [] for s in stages}
+    ingest_rows = []
+    for shard in range(n_shards):
+        here = shard_dir(outdir, shard)
+        for stage in stages:
+            table = _read_optional(here / f"{stage}.status.parquet")
+            if table is not None:
+                status[stage].append(table)
+        ingest_table = _read_optional(here / "ingest.parquet")
+        if ingest_table is not None and len(ingest_table):
+            ingest_rows.append(ingest_table)
+    merged = manifest.drop(columns=["path"]).copy()
+    merged["status"] = "ok"
+    merged["failed_stage"] = ""
+    merged["error"] = ""
+    by_id = {sid: i for i, sid in enumerate(merged["scan_id"])}
+    for stage in stages:
+        table = pd.concat(status[stage], ignore_index=True) if status[stage] else pd.DataFrame(columns=STATUS_COLUMNS)
+        seconds = dict(zip(table["scan_id"], table["seconds"]))
+        merged[f"seconds_{stage}"] = [seconds.get(s, np.nan) for s in merged["scan_id"]]
+        outcome = dict(zip(table["scan_id"], zip(table["status"], table["error"])))
+        for scan_id, index in by_id.items():
+            if merged.at[index, "status"] != "ok":
+                continue
+            state, error = outcome.get(scan_id, ("failed", f"scan {scan_id}: {stage}: no result (stage did not run for this scan)"))
+            if state != "ok":
+                merged.at[index, "status"] = "failed"
+                merged.at[index, "failed_stage"] = stage
+                merged.at[index, "error"] = error
+    if ingest_rows:
+        info = pd.concat(ingest_rows, ignore_index=True).drop_duplicates("scan_id")
+        merged = merged.merge(info, on="scan_id", how="left")
+    for column in SCAN_COLUMNS:
+        if column not in merged.columns:
+            merged[column] = np.nan if column.startswith("n_") else ""
+    extra = [c for c in merged.columns if c not in SCAN_COLUMNS]
+    return merged[SCAN_COLUMNS + extra]
+
+
+def collect_rows(outdir: str | Path, n_shards: int, stage: str) -> pd.DataFrame:
+    """Concatenate one stage's rows over all shards."""
+    parts = [t for shard in range(n_shards)
+             if (t := _read_optional(shard_dir(outdir, shard) / f"{stage}.parquet")) is not None and len(t)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+VERTEBRA_COLUMNS = ["scan_id", "subject_id", "vertebra_id", "level", "level_probability", "slice_min",
+                    "slice_max", "centroid_slice", "centroid_row", "centroid_col", "centroid_x_mm",
+                    "centroid_y_mm", "centroid_z_mm", "polygons"]
+DISC_COLUMNS = ["scan_id", "subject_id", "site", "level", "upper_vertebra_id", "lower_vertebra_id",
+                "centre_slice", "centre_row", "centre_col"]
+
+
+def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_shards: int,
+                        models: Mapping[str, str] | None = None, created_by: str | None = None) -> dict[str, Path]:
+    """Assemble ``tables/scans|vertebrae|discs.parquet`` from every shard's stage outputs."""
+    outdir = Path(config["outdir"])
+    stages = stage_order()
+    scans = cohort_scans(config, manifest_file, n_shards, stages)
+    subject = dict(zip(scans["scan_id"], scans["subject_id"]))
+    site = dict(zip(scans["scan_id"], scans["site"]))
+    tables = {"vertebrae": (VERTEBRA_COLUMNS, _vertebra_stage(stages)), "discs": (DISC_COLUMNS, _disc_stage(stages))}
+    frames: dict[str, pd.DataFrame] = {}
+    for kind, (columns, stage) in tables.items():
+        rows = collect_rows(outdir, n_shards, stage) if stage else pd.DataFrame()
+        if len(rows):
+            ok = set(scans.loc[scans["status"] == "ok", "scan_id"])
+            rows = rows[rows["scan_id"].isin(ok)].copy()
+            rows["subject_id"] = rows["scan_id"].map(subject)
+            if "site" in columns:
+                rows["site"] = rows["scan_id"].map(site)
+        for column in columns:
+            if column not in rows.columns:
+                rows[column] = pd.Series(dtype=object)
+        frames[kind] = rows[columns + [c for c in rows.columns if c not in columns]].reset_index(drop=True)
+        counts = frames[kind].groupby("scan_id").size() if len(frames[kind]) else pd.Series(dtype=int)
+        scans[f"n_{kind}"] = [int(counts.get(s, 0)) if status == "ok" else np.nan
+                              for s, status in zip(scans["scan_id"], scans["status"])]
+    provenance = make_provenance(config, models, created_by)
+    paths = {}
+    for kind, frame in [("scans", scans), *frames.items()]:
+        paths[kind] = outdir / "tables" / f"{kind}.parquet"
+        write_table(frame, paths[kind], provenance)
+    return paths
+
+
+def _vertebra_stage(stages: list[str]) -> str | None:
+    """The latest stage that writes vertebra rows (labelling refines detection)."""
+    return next((s for s in ("label", "detect") if s in stages), None)
+
+
+def _disc_stage(stages: list[str]) -> str | None:
+    return next((s for s in ("grade", "extract_discs") if s in stages), None)
+
+
+def render_shard_qc(config: Mapping[str, Any], manifest_file: str | Path, shard: int) -> list[Path]:
+    """QC pictures for every ingested scan of a shard, from the latest vertebra and disc rows."""
+    from .qc import render_qc
+
+    outdir = Path(config["outdir"])
+    here = shard_dir(outdir, shard)
+    stages = stage_order()
+    rows = shard_rows(read_manifest(manifest_file), shard, int(config["shard_size"]))
+    vertebra_stage, disc_stage = _vertebra_stage(stages), _disc_stage(stages)
+    vertebrae = _read_optional(here / f"{vertebra_stage}.parquet") if vertebra_stage else None
+    discs = _read_optional(here / f"{disc_stage}.parquet") if disc_stage else None
+    written = []
+    for scan_id in rows["scan_id"]:
+        path = series_path(outdir / "work", scan_id)
+        if not path.exists():
+            continue
+        mine_v = vertebrae[vertebrae["scan_id"] == scan_id] if vertebrae is not None and len(vertebrae) else None
+        mine_d = discs[discs["scan_id"] == scan_id] if discs is not None and len(discs) else None
+        target = outdir / "report" / "qc" / f"{scan_id}.png"
+        render_qc(ingest_mod.load_series(path), mine_v, mine_d, target, title=scan_id)
+        written.append(target)
+    return written
+
+
+def run_in_process(config: Mapping[str, Any], manifest_file: str | Path, created_by: str | None = None) -> dict[str, Path]:
+    """Every stage over every shard in this process (``spinecohort predict`` and tests)."""
+    from .manifest import n_shards
+
+    count = n_shards(len(read_manifest(manifest_file)), int(config["shard_size"]))
+    for stage in stage_order():
+        for shard in range(count):
+            run_shard_stage(stage, config, manifest_file, shard, created_by)
+    if config.get("qc", True):
+        for shard in range(count):
+            render_shard_qc(config, manifest_file, shard)
+    return write_cohort_tables(config, manifest_file, count, created_by=created_by)

@@ -1,0 +1,36 @@
+if LABELS is not None:
+
+    rule agreement:
+        input:
+            discs=f"{OUT}/tables/discs.parquet",
+            labels=str(LABELS),
+        output:
+            agreement=f"{OUT}/tables/agreement.parquet",
+            confusion=f"{OUT}/tables/confusion.parquet",
+        params:
+            bootstrap=CFG["agreement"]["bootstrap"],
+            seed=CFG["agreement"]["seed"],
+        log:
+            f"{OUT}/logs/agreement.log",
+        conda:
+            "../../envs/spinecohort.yaml"
+        script:
+            "../../scripts/agreement.py"
+
+
+rule report:
+    input:
+        scans=f"{OUT}/tables/scans.parquet",
+        discs=f"{OUT}/tables/discs.parquet",
+        agreement=[f"{OUT}/tables/agreement.parquet"] if LABELS is not None else [],
+        labels=[str(LABELS)] if LABELS is not None else [],
+    output:
+        f"{OUT}/report/validation.html",
+    params:
+        config=CFG,
+    log:
+        f"{OUT}/logs/report.log",
+    conda:
+        "../../envs/spinecohort.yaml"
+    script:
+        "../../scripts/report.py"
