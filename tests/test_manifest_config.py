@@ -1,0 +1,60 @@
+"""Manifest and config validation: a bad manifest stops with a message naming the row."""
+from __future__ import annotations
+
+import pytest
+
+from spinecohort.config import ConfigError, load_config, resolve_config
+from spinecohort.manifest import ManifestError, n_shards, read_manifest, shard_rows
+
+
+def _manifest(tmp_path, text, name="m.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_reads_csv_and_tsv_and_resolves_relative_paths(tmp_path):
+    frame = read_manifest(_manifest(tmp_path, "scan_id,subject_id,path,age\na.1,s1,scans/a,50\nb_2,s1,/abs/b,61\n"))
+    assert list(frame["scan_id"]) == ["a.1", "b_2"]
+    assert frame.loc[0, "path"] == str((tmp_path / "scans" / "a").resolve())
+    assert frame.loc[1, "path"] == "/abs/b"
+    assert list(frame["age"]) == ["50", "61"]  # covariates carried unchanged
+    assert {"series", "site", "visit"} <= set(frame.columns)
+    tsv = read_manifest(_manifest(tmp_path, "scan_id\tsubject_id\tpath\nx\ty\tz\n", "m.tsv"))
+    assert tsv.loc[0, "scan_id"] == "x"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("scan_id,subject_id,path\na,s,p\na,s,q\n", r"row 3: duplicate scan_id 'a'"),
+    ("scan_id,subject_id,path\nok,s,p\nbad id,s,q\n", r"row 3 \(scan_id\)"),
+    ("scan_id,subject_id,path\n../x,s,p\n", r"row 2 \(scan_id\)"),
+    ("scan_id,subject_id,path\nok,,p\n", r"row 2"),
+    ("scan_id,path\na,p\n", r"missing required column\(s\) subject_id"),
+])
+def test_bad_manifests_name_the_row(tmp_path, text, match):
+    with pytest.raises(ManifestError, match=match):
+        read_manifest(_manifest(tmp_path, text))
+
+
+def test_shards_are_contiguous_and_cover_everything(tmp_path):
+    rows = "".join(f"s{i},p{i},x\n" for i in range(23))
+    frame = read_manifest(_manifest(tmp_path, "scan_id,subject_id,path\n" + rows))
+    count = n_shards(len(frame), 5)
+    assert count == 5
+    ids = [sid for k in range(count) for sid in shard_rows(frame, k, 5)["scan_id"]]
+    assert ids == list(frame["scan_id"])
+
+
+def test_config_defaults_and_validation(tmp_path):
+    config = resolve_config({"outdir": "x"})
+    assert config["shard_size"] == 25 and config["models"]["family"] == "cpu-default"
+    with pytest.raises(ConfigError, match="shard_size"):
+        resolve_config({"shard_size": 0})
+    with pytest.raises(ConfigError, match="unknown_key|Additional properties"):
+        resolve_config({"unknown_key": 1})
+    path = tmp_path / "c.yaml"
+    path.write_text("outdir: out\nmodels: {family: spinenet-official, dir: /w}\n")
+    assert load_config(path)["models"] == {"family": "spinenet-official", "dir": "/w"}
+    path.write_text("outdir: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(Exception, match="could not determine a constructor|ConstructorError"):
+        load_config(path)  # safe loader: nothing in a config is executed
