@@ -1,0 +1,134 @@
+"""The model stages as pipeline stages: each loads its models once per shard job and turns the
+stage module's results into the contract's table rows."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from .ingest import Series
+from .pipeline import ScanContext, Stage, register_stage
+from .provenance import sha256_file
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+
+
+def torch_device(config: Mapping[str, Any]) -> str:
+    import torch
+
+    torch.set_num_threads(int(config.get("threads", 2)))
+    wanted = config.get("device", "auto")
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return wanted
+
+
+def default_model(name: str) -> Path:
+    """Path of a shipped default model, e.g. ``detector-cpu-v1.pt``."""
+    path = MODELS_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"model file {path} is missing (the checkout's models/ folder)")
+    return path
+
+
+# ----------------------------------------------------------------------------- orientation
+def canonical_flips(series: Series) -> tuple[bool, bool, bool]:
+    """Whether slices / rows / cols must be flipped for the networks' canonical view.
+
+    Canonical: slices run toward patient left, rows head -> feet, cols front -> back (LPS +x,
+    -z, +y). Results are mapped back to the stored grid, which is what the tables report.
+    """
+    slice_direction, row_direction, col_direction = (series.affine[:3, k] for k in range(3))
+    return bool(slice_direction[0] < 0), bool(row_direction[2] > 0), bool(col_direction[1] < 0)
+
+
+def canonical_volume(series: Series) -> np.ndarray:
+    flips = canonical_flips(series)
+    axes = tuple(axis for axis, flip in enumerate(flips) if flip)
+    return np.ascontiguousarray(np.flip(series.volume, axis=axes) if axes else series.volume)
+
+
+def flip_points(series: Series, points: np.ndarray) -> np.ndarray:
+    """(n, 3) (slice, row, col) between the canonical view and the stored grid (self-inverse)."""
+    points = np.array(points, dtype=float, copy=True).reshape(-1, 3)
+    for axis, flip in enumerate(canonical_flips(series)):
+        if flip:
+            points[:, axis] = series.volume.shape[axis] - 1 - points[:, axis]
+    return points
+
+
+def flip_polygons(series: Series, polygons: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """{slice: (4, 2) (row, col)} between the canonical view and the stored grid (self-inverse)."""
+    flipped = {}
+    for slice_index, corners in polygons.items():
+        corners = np.asarray(corners, dtype=float).reshape(4, 2)
+        points = np.column_stack([np.full(4, float(slice_index)), corners])
+        moved = flip_points(series, points)
+        flipped[int(round(moved[0, 0]))] = moved[:, 1:]
+    return flipped
+
+
+# ----------------------------------------------------------------------------- detection
+def vertebra_rows(scan: ScanContext, detections: list) -> pd.DataFrame:
+    """Contract rows (``tables/vertebrae.parquet``) from detections in the canonical view."""
+    series = scan.series
+    rows = []
+    for vertebra_id, detection in enumerate(detections):
+        stored = flip_polygons(series, detection.polygons)
+        slices = sorted(stored)
+        polygons = [{"slice": s, "corners": [float(v) for v in stored[s].reshape(-1)]} for s in slices]
+        centroid = flip_points(series, np.asarray(detection.centroid, dtype=float))[0]
+        x, y, z = series.to_patient(centroid)[0]
+        rows.append({
+            "scan_id": scan.scan_id, "vertebra_id": vertebra_id, "level": None, "level_probability": np.nan,
+            "slice_min": slices[0], "slice_max": slices[-1],
+            "centroid_slice": float(centroid[0]), "centroid_row": float(centroid[1]), "centroid_col": float(centroid[2]),
+            "centroid_x_mm": float(x), "centroid_y_mm": float(y), "centroid_z_mm": float(z),
+            "polygons": polygons, "detection_score": float(detection.score),
+        })
+    return pd.DataFrame(rows)
+
+
+def canonical_vertebrae(scan: ScanContext, rows: pd.DataFrame) -> list[dict]:
+    """Vertebra rows of a scan as the stage modules take them: canonical view, caudal first."""
+    series = scan.series
+    vertebrae = []
+    for _, row in rows.sort_values("vertebra_id").iterrows():
+        stored = {int(p["slice"]): np.asarray(p["corners"], dtype=float).reshape(4, 2) for p in row["polygons"]}
+        centroid = flip_points(series, [row["centroid_slice"], row["centroid_row"], row["centroid_col"]])[0]
+        vertebrae.append({"vertebra_id": int(row["vertebra_id"]), "level": row.get("level"),
+                          "polygons": flip_polygons(series, stored), "centroid": tuple(float(v) for v in centroid)})
+    return vertebrae
+
+
+@register_stage
+class DetectStage(Stage):
+    name = "detect"
+    after = "ingest"
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        from .detect import Detector
+
+        self.device = torch_device(config)
+        family = config["models"]["family"]
+        if family == "spinenet-official":
+            from .nets.checkpoints import load_official_folder
+
+            loaded = load_official_folder(config["models"]["dir"])
+            self.detector = Detector.official(loaded.networks["detector"], device=self.device)
+            self._models = {"spinenet-official/detector": loaded.models_sha256["detector"]}
+        else:
+            path = default_model("detector-cpu-v1.pt")
+            self.detector = Detector.load(path, device=self.device)
+            self._models = {path.stem: sha256_file(path)}
+
+    def models(self) -> dict[str, str]:
+        return dict(self._models)
+
+    def run_scan(self, scan: ScanContext) -> pd.DataFrame:
+        series = scan.series
+        detections = self.detector.detect(canonical_volume(series), series.pixel_spacing_mm)
+        return vertebra_rows(scan, detections)
