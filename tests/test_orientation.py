@@ -9,7 +9,7 @@ import pytest
 from spinecohort.ingest import Series
 from spinecohort.stages import canonical_flips, canonical_volume, flip_points, flip_polygons
 
-CANONICAL = np.array([[4.0, 0, 0], [0, 0, 0.7], [0, -0.7, 0]]).T  # columns: slice, row, col directions (LPS)
+CANONICAL = np.array([[4.0, 0, 0], [0, 0, -0.7], [0, 0.7, 0]]).T  # columns: slice, row, col directions (LPS)
 
 
 @pytest.mark.parametrize("signs", list(itertools.product([1, -1], repeat=3)))
