@@ -45,11 +45,28 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _coerce(value: Any, schema: Mapping[str, Any]) -> Any:
+    """Command-line values arrive as text (``--config demo='{seed: 1}'``): give them the schema's type."""
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else (types or [])
+    if isinstance(value, Mapping) and "properties" in schema:
+        return {k: _coerce(v, schema["properties"].get(k, {})) for k, v in value.items()}
+    if isinstance(value, str):
+        if "integer" in types and value.strip().lstrip("-").isdigit():
+            return int(value)
+        if "boolean" in types and value.strip().lower() in {"true", "false"}:
+            return value.strip().lower() == "true"
+        if "null" in types and value.strip().lower() in {"", "null", "none"}:
+            return None
+    return value
+
+
 def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Defaults + given keys, validated. Raises :class:`ConfigError` naming the bad key."""
-    merged = _merge(DEFAULTS, config)
+    schema = load_schema("config")
+    merged = _coerce(_merge(DEFAULTS, config), schema)
     try:
-        jsonschema.validate(merged, load_schema("config"))
+        jsonschema.validate(merged, schema)
     except jsonschema.ValidationError as error:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise ConfigError(f"config key {where}: {error.message}") from None

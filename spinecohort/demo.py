@@ -10,7 +10,7 @@ import pandas as pd
 from . import synthetic
 from .dicom_writer import SeriesHeader, uid_from, write_series
 from .provenance import atomic_write_bytes, make_provenance, write_table
-from .tasks import TASK_NAMES
+from .tasks import DEFAULT_GRADED_DISCS, TASK_NAMES
 
 SERIES_DESCRIPTIONS = {"T1": "SAG T1 TSE", "T2": "SAG T2 TSE", "STIR": "SAG STIR"}
 SITES = ("site-A", "site-B", "site-C")
@@ -78,7 +78,7 @@ def build_demo_cohort(out: str | Path, n_scans: int, seed: int, created_by: str 
         manifest_rows.append({
             "scan_id": scan_id, "subject_id": f"sub{subject:04d}", "path": f"scans/{scan_id}",
             "site": SITES[subject % len(SITES)], "visit": visit, "fov_class": scan.fov,
-            "contrast": scan.contrast, "age": int(40 + (subject * 7919) % 40), "sex": "FM"[subject % 2],
+            "contrast": scan.contrast, "age": int(round(scan.age)), "sex": "FM"[subject % 2],
         })
         for vertebra in scan.vertebrae:
             s, r, c = vertebra.centroid
@@ -95,7 +95,8 @@ def build_demo_cohort(out: str | Path, n_scans: int, seed: int, created_by: str 
                 "centroid_slice": float(n_slices - 1 - s), "centroid_row": float(r), "centroid_col": float(c),
                 "partial": False, "polygons": None, **{t: int(disc.grades[t]) for t in TASK_NAMES},
             })
-            grade_rows.append({"scan_id": scan_id, "level": disc.level, **{t: int(disc.grades[t]) for t in TASK_NAMES}})
+            if disc.level in DEFAULT_GRADED_DISCS and not getattr(disc, "partial", False):
+                grade_rows.append({"scan_id": scan_id, "level": disc.level, **{t: int(disc.grades[t]) for t in TASK_NAMES}})
     manifest = pd.DataFrame(manifest_rows)
     truth = pd.DataFrame(truth_rows)
     grades = pd.DataFrame(grade_rows, columns=["scan_id", "level", *TASK_NAMES])

@@ -1,0 +1,35 @@
+"""The demo cohort end to end through Snakemake, as `make demo` runs it (tiny cohort)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from spinecohort.provenance import read_provenance
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_snakemake_demo_end_to_end(tmp_path):
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", "--snakefile", str(REPO / "Snakefile"),
+               "--directory", str(REPO), "--config", f"outdir={out}", "demo={n_scans: 3, seed: 5}",
+               "shard_size=2", "agreement={bootstrap: 20, seed: 0}", "tta=1"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    scans = pd.read_parquet(out / "tables" / "scans.parquet")
+    assert list(scans["scan_id"]) == ["demo0000", "demo0001", "demo0002"]
+    assert (scans["status"] == "ok").all(), scans[["scan_id", "error"]]
+    for scan_id in scans["scan_id"]:
+        assert (out / "report" / "qc" / f"{scan_id}.png").exists()
+    html = (out / "report" / "validation.html").read_text()
+    assert "<img" in html and "http://" not in html.replace("http://www.w3.org", "")
+    assert {"pipeline_version", "config_sha256", "models", "created_by"} <= set(read_provenance(out / "tables" / "discs.parquet"))
+    assert (out / "tables" / "agreement.parquet").exists()
+    # No synthetic patient identifier reaches any output.
+    for path in out.rglob("*"):
+        if path.is_file() and "demo" not in path.relative_to(out).parts[:1]:
+            blob = path.read_bytes()
+            assert b"Phantom^Subject" not in blob and b"PHANTOM-" not in blob, path
