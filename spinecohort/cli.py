@@ -57,6 +57,23 @@ def _predict(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+# Sub-tools with their own argument parsers: (command, target) -> module whose main(argv) runs it.
+DELEGATED = {
+    ("train", "detector"): "spinecohort.training.detector",
+    ("train", "labeller"): "spinecohort.training.labeller",
+    ("train", "grader"): "spinecohort.training.grader",
+    ("evaluate", "detection"): "spinecohort.evaluation",
+    ("evaluate", "labelling"): "spinecohort.evaluation_labelling",
+}
+
+
+def _delegate(args: argparse.Namespace, argv: list[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(DELEGATED[(args.command, args.target)])
+    return int(module.main(list(args.rest)) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinecohort", description=__doc__)
     parser.add_argument("--version", action="version", version=f"spinecohort {__version__}")
@@ -86,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--family", choices=["cpu-default", "spinenet-official"], default=None)
     predict.add_argument("--models-dir", default=None, help="official checkpoint folder (with --family spinenet-official)")
     predict.set_defaults(handler=_predict)
+
+    for command, help_text in (("train", "train a model (see `spinecohort train TARGET --help`)"),
+                               ("evaluate", "evaluate a stage (see `spinecohort evaluate TARGET --help`)")):
+        tool = sub.add_parser(command, help=help_text)
+        tool.add_argument("target", choices=sorted(t for c, t in DELEGATED if c == command))
+        tool.add_argument("rest", nargs=argparse.REMAINDER, help="the target's own arguments")
+        tool.set_defaults(handler=_delegate)
     return parser
 
 
