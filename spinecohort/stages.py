@@ -132,3 +132,145 @@ class DetectStage(Stage):
         series = scan.series
         detections = self.detector.detect(canonical_volume(series), series.pixel_spacing_mm)
         return vertebra_rows(scan, detections)
+
+
+# ----------------------------------------------------------------------------- labelling
+@register_stage
+class LabelStage(Stage):
+    name = "label"
+    after = "detect"
+    needs_rows_of = ("detect",)
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        from .label import Labeller
+
+        self.device = torch_device(config)
+        if config["models"]["family"] == "spinenet-official":
+            from .nets.checkpoints import load_official_folder
+
+            loaded = load_official_folder(config["models"]["dir"])
+            self.labeller = Labeller.official(loaded.networks["appearance"], loaded.networks["context"], device=self.device)
+            self._models = {f"spinenet-official/{k}": loaded.models_sha256[k] for k in ("appearance", "context")}
+        else:
+            paths = [default_model("appearance-cpu-v1.pt"), default_model("context-cpu-v1.pt")]
+            self.labeller = Labeller.load(*paths, device=self.device)
+            self._models = {p.stem: sha256_file(p) for p in paths}
+
+    def models(self) -> dict[str, str]:
+        return dict(self._models)
+
+    def run_scan(self, scan: ScanContext) -> pd.DataFrame:
+        rows = scan.previous["detect"].sort_values("vertebra_id").reset_index(drop=True)
+        if not len(rows):
+            return rows
+        series = scan.series
+        labels = self.labeller.label(canonical_volume(series), series.pixel_spacing_mm, series.slice_spacing_mm,
+                                     canonical_vertebrae(scan, rows))
+        rows["level"] = [level for level, _ in labels]
+        rows["level_probability"] = [float(probability) for _, probability in labels]
+        return rows
+
+
+# ----------------------------------------------------------------------------- disc volumes
+def ivv_path(workdir: Path, scan_id: str) -> Path:
+    return Path(workdir) / "ivv" / f"{scan_id}.npz"
+
+
+@register_stage
+class ExtractDiscsStage(Stage):
+    name = "extract_discs"
+    after = "label"
+    needs_rows_of = ("label",)
+
+    def run_scan(self, scan: ScanContext) -> pd.DataFrame:
+        import io
+
+        from .discs import extract_ivvs
+        from .provenance import atomic_write_bytes
+
+        rows = scan.previous["label"]
+        series = scan.series
+        vertebrae = [v for v in canonical_vertebrae(scan, rows) if isinstance(v["level"], str)]
+        ivvs = extract_ivvs(canonical_volume(series), series.pixel_spacing_mm, vertebrae,
+                            levels=tuple(self.config["graded_discs"]))
+        buffer = io.BytesIO()
+        volumes = np.stack([ivv.volume for ivv in ivvs]).astype(np.float16) if ivvs else np.zeros((0, 9, 112, 224), np.float16)
+        np.savez(buffer, volumes=volumes, levels=np.array([ivv.level for ivv in ivvs], dtype=str))
+        atomic_write_bytes(ivv_path(scan.workdir, scan.scan_id), buffer.getvalue())
+        vertebra_id = {v["level"]: v["vertebra_id"] for v in vertebrae}
+        row_mm, col_mm = series.pixel_spacing_mm
+        records = []
+        for ivv in ivvs:
+            centre = flip_points(series, np.asarray(ivv.centre, dtype=float))[0]
+            box = flip_polygons(series, {int(round(ivv.centre[0])): ivv.box_corners})
+            x, y, z = series.to_patient(centre)[0]
+            records.append({
+                "scan_id": scan.scan_id, "level": ivv.level,
+                "upper_vertebra_id": vertebra_id.get(ivv.upper), "lower_vertebra_id": vertebra_id.get(ivv.lower),
+                "centre_slice": float(centre[0]), "centre_row": float(centre[1]), "centre_col": float(centre[2]),
+                "centre_x_mm": float(x), "centre_y_mm": float(y), "centre_z_mm": float(z),
+                "angle_deg": float(np.degrees(ivv.angle_rad)),
+                "width_mm": float(ivv.width_px * col_mm), "height_mm": float(ivv.height_px * row_mm),
+                "box_corners": [float(v) for v in next(iter(box.values())).reshape(-1)],
+            })
+        return pd.DataFrame(records)
+
+
+# ----------------------------------------------------------------------------- grading
+@register_stage
+class GradeStage(Stage):
+    name = "grade"
+    after = "extract_discs"
+    needs_rows_of = ("extract_discs",)
+    # Hotspot montages per shard when config hotspots = report: examples, not every disc.
+    REPORT_EXAMPLES_PER_SHARD = 2
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        from .grade import Grader
+
+        self.device = torch_device(config)
+        if config["models"]["family"] == "spinenet-official":
+            from .nets.checkpoints import load_official_folder
+
+            loaded = load_official_folder(config["models"]["dir"])
+            self.grader = Grader.official(loaded.networks["grading"], device=self.device)
+            self.model_id = "spinenet-official/grading"
+            self._models = {self.model_id: loaded.models_sha256["grading"]}
+        else:
+            path = default_model("grader-cpu-v1.pt")
+            self.grader = Grader.load(path, device=self.device)
+            self.model_id = path.stem
+            self._models = {self.model_id: sha256_file(path)}
+        self._examples_left = self.REPORT_EXAMPLES_PER_SHARD
+
+    def models(self) -> dict[str, str]:
+        return dict(self._models)
+
+    def run_scan(self, scan: ScanContext) -> pd.DataFrame:
+        from .grade import hotspot_montage
+        from .tasks import TASKS
+
+        rows = scan.previous["extract_discs"].reset_index(drop=True)
+        if not len(rows):
+            return rows
+        with np.load(ivv_path(scan.workdir, scan.scan_id), allow_pickle=False) as stored:
+            volumes = stored["volumes"].astype(np.float32)
+            levels = [str(v) for v in stored["levels"]]
+        by_level = dict(zip(levels, volumes))
+        ivvs = [by_level[level] for level in rows["level"]]
+        predictions = self.grader.grade(ivvs, tta=int(self.config["tta"]))
+        for task in TASKS:
+            probabilities = [np.asarray(p[task.name], dtype=float) for p in predictions]
+            rows[task.name] = [int(task.grades[int(np.argmax(p))]) for p in probabilities]
+            rows[f"{task.name}_probs"] = [[float(v) for v in p] for p in probabilities]
+        rows["model_id"] = self.model_id
+        mode = self.config.get("hotspots", "report")
+        for index, level in enumerate(rows["level"]):
+            if mode == "all" or (mode == "report" and self._examples_left > 0):
+                self._examples_left -= 1
+                heat = self.grader.hotspots(ivvs[index], "Pfirrmann")
+                target = Path(self.config["outdir"]) / "report" / "hotspots" / f"{scan.scan_id}_{level}.png"
+                hotspot_montage(ivvs[index], heat, target)
+        return rows
