@@ -17,7 +17,7 @@ $(BIN)/spinecohort: pyproject.toml
 install: $(BIN)/spinecohort
 
 demo: install
-	$(BIN)/snakemake --cores $(CORES) --profile profiles/default
+	$(BIN)/snakemake --cores $(CORES)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -29,8 +29,10 @@ def _created_by(smk: Any) -> str:
 def run_stage(smk: Any) -> None:
     from .pipeline import run_shard_stage
 
+    # torch threads = the CPUs the job was given (set-threads in the SLURM profiles)
+    config = {**smk.params.config, "threads": int(smk.threads)}
     with _job_logging(smk):
-        run_shard_stage(smk.params.stage, smk.params.config, smk.input.manifest, int(smk.wildcards.shard), _created_by(smk))
+        run_shard_stage(smk.params.stage, config, smk.input.manifest, int(smk.wildcards.shard), _created_by(smk))
 
 
 def render_qc(smk: Any) -> None:

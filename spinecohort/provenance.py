@@ -28,9 +28,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# Execution-only keys: where and how fast a run happens does not change its results.
+EXECUTION_KEYS = ("outdir", "threads", "shard_size")
+
+
 def config_sha256(config: Mapping[str, Any]) -> str:
-    """Hash of the config as canonical JSON, so key order and YAML formatting do not matter."""
-    canonical = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    """Hash of the scientific config as canonical JSON (key order and formatting do not matter)."""
+    science = {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
+    canonical = json.dumps(science, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
