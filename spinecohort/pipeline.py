@@ -117,10 +117,17 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
     return cls
 
 
+def stage_classes() -> dict[str, type[Stage]]:
+    """Every registered stage; importing :mod:`spinecohort.stages` registers the model stages."""
+    from . import stages  # noqa: F401
+
+    return STAGE_CLASSES
+
+
 def stage_order() -> list[str]:
     """Stages in execution order (each after the one it names)."""
     order = ["ingest"]
-    remaining = {n: c for n, c in STAGE_CLASSES.items() if n != "ingest"}
+    remaining = {n: c for n, c in stage_classes().items() if n != "ingest"}
     while remaining:
         ready = [n for n, c in remaining.items() if c.after in order]
         if not ready:
@@ -145,7 +152,7 @@ def _format_error(stage: str, scan_id: str, error: BaseException) -> str:
 def run_shard_stage(stage_name: str, config: Mapping[str, Any], manifest_file: str | Path, shard: int,
                     created_by: str | None = None) -> None:
     """Run one stage over one shard and write its status and rows."""
-    stage = STAGE_CLASSES[stage_name](config)
+    stage = stage_classes()[stage_name](config)
     outdir = Path(config["outdir"])
     workdir = outdir / "work"
     here = shard_dir(outdir, shard)

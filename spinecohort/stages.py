@@ -93,6 +93,8 @@ def vertebra_rows(scan: ScanContext, detections: list) -> pd.DataFrame:
 
 def canonical_vertebrae(scan: ScanContext, rows: pd.DataFrame) -> list[dict]:
     """Vertebra rows of a scan as the stage modules take them: canonical view, caudal first."""
+    if not len(rows):
+        return []
     series = scan.series
     vertebrae = []
     for _, row in rows.sort_values("vertebra_id").iterrows():
@@ -161,9 +163,10 @@ class LabelStage(Stage):
         return dict(self._models)
 
     def run_scan(self, scan: ScanContext) -> pd.DataFrame:
-        rows = scan.previous["detect"].sort_values("vertebra_id").reset_index(drop=True)
-        if not len(rows):
+        rows = scan.previous["detect"]
+        if not len(rows):  # nothing detected: nothing to label, and not a failure
             return rows
+        rows = rows.sort_values("vertebra_id").reset_index(drop=True)
         series = scan.series
         labels = self.labeller.label(canonical_volume(series), series.pixel_spacing_mm, series.slice_spacing_mm,
                                      canonical_vertebrae(scan, rows))
@@ -184,20 +187,14 @@ class ExtractDiscsStage(Stage):
     needs_rows_of = ("label",)
 
     def run_scan(self, scan: ScanContext) -> pd.DataFrame:
-        import io
-
-        from .discs import extract_ivvs
-        from .provenance import atomic_write_bytes
+        from .discs import extract_ivvs, save_ivvs
 
         rows = scan.previous["label"]
         series = scan.series
         vertebrae = [v for v in canonical_vertebrae(scan, rows) if isinstance(v["level"], str)]
         ivvs = extract_ivvs(canonical_volume(series), series.pixel_spacing_mm, vertebrae,
                             levels=tuple(self.config["graded_discs"]))
-        buffer = io.BytesIO()
-        volumes = np.stack([ivv.volume for ivv in ivvs]).astype(np.float16) if ivvs else np.zeros((0, 9, 112, 224), np.float16)
-        np.savez(buffer, volumes=volumes, levels=np.array([ivv.level for ivv in ivvs], dtype=str))
-        atomic_write_bytes(ivv_path(scan.workdir, scan.scan_id), buffer.getvalue())
+        save_ivvs(ivv_path(scan.workdir, scan.scan_id), ivvs)
         vertebra_id = {v["level"]: v["vertebra_id"] for v in vertebrae}
         row_mm, col_mm = series.pixel_spacing_mm
         records = []
@@ -249,16 +246,15 @@ class GradeStage(Stage):
         return dict(self._models)
 
     def run_scan(self, scan: ScanContext) -> pd.DataFrame:
+        from .discs import load_ivvs
         from .grade import hotspot_montage
         from .tasks import TASKS
 
         rows = scan.previous["extract_discs"].reset_index(drop=True)
         if not len(rows):
             return rows
-        with np.load(ivv_path(scan.workdir, scan.scan_id), allow_pickle=False) as stored:
-            volumes = stored["volumes"].astype(np.float32)
-            levels = [str(v) for v in stored["levels"]]
-        by_level = dict(zip(levels, volumes))
+        volumes, levels = load_ivvs(ivv_path(scan.workdir, scan.scan_id))
+        by_level = dict(zip(levels, volumes.astype(np.float32)))
         ivvs = [by_level[level] for level in rows["level"]]
         predictions = self.grader.grade(ivvs, tta=int(self.config["tta"]))
         for task in TASKS:

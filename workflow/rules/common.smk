@@ -1,12 +1,12 @@
 # Shared helpers for the rules.
-from spinecohort.pipeline import stage_order, STAGE_CLASSES
+from spinecohort.pipeline import stage_order, stage_classes
 
 STAGES = stage_order()
 LAST_STAGE = STAGES[-1]
 
 
 def previous_status(stage):
-    after = STAGE_CLASSES[stage].after
+    after = stage_classes()[stage].after
     return [] if after is None else [f"{WORK}/{{shard}}/{after}.status.parquet"]
 
 

@@ -1,0 +1,54 @@
+"""Detection + labelling time of a 15-slice 512x512 lumbar scan (target <= 4 s on a 2-core CPU).
+
+Run: .venv/bin/python benchmarks/bench_label.py [--runs 5] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from spinecohort.detect import Detector
+from spinecohort.label import Labeller
+from spinecohort.synthetic import generate_scan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=4242)
+    p.add_argument("--detector", default=str(ROOT / "models" / "detector-cpu-v1.pt"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    scan = generate_scan(args.seed, fov="lumbar", contrast="T2", n_slices=15, rows=512)
+    assert scan.volume.shape == (15, 512, 512)
+    sp = (scan.pixel_spacing_mm, scan.pixel_spacing_mm)
+    detector = Detector.load(args.detector)
+    labeller = Labeller.load(ROOT / "models" / "appearance-cpu-v1.pt", ROOT / "models" / "context-cpu-v1.pt")
+    total, det_t, lab_t = [], [], []
+    for _ in range(args.runs + 1):  # the first run warms up
+        t0 = time.perf_counter()
+        dets = detector.detect(scan.volume, sp)
+        t1 = time.perf_counter()
+        labels = labeller.label(scan.volume, sp, scan.slice_spacing_mm,
+                                [{"polygons": d.polygons, "centroid": d.centroid} for d in dets])
+        t2 = time.perf_counter()
+        det_t.append(t1 - t0)
+        lab_t.append(t2 - t1)
+        total.append(t2 - t0)
+    total, det_t, lab_t = total[1:], det_t[1:], lab_t[1:]
+    print(f"detect + label 15x512x512 lumbar scan ({len(dets)} bodies: "
+          f"{' '.join(str(lab) for lab, _ in labels)}; truth {' '.join(v.level for v in scan.vertebrae)})")
+    print(f"median {statistics.median(total):.2f} s (min {min(total):.2f}, max {max(total):.2f}; {args.runs} runs, "
+          f"{args.threads} threads): detection {statistics.median(det_t):.2f} s, "
+          f"labelling {statistics.median(lab_t):.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,789 @@
+"""Vertebral body detection (SpineNetV2 detection stage).
+
+A fully convolutional network maps each sagittal slice to 13 maps (official channel layout):
+corner heatmaps rt, rb, lb, lt (ch 0-3), a centroid heatmap (ch 4) and, per corner, the x (cols,
+ch 5-8) and y (rows, ch 9-12) displacement from the corner to its vertebra's centroid in network
+pixels. The stage:
+
+1. resamples every slice to the network's pixel size (``mm_per_px``) and cuts it into tiles
+   (one tile per axis when the scan fits the network's field, else overlapping tiles: lumbar-size
+   25 cm / 30 % overlap, 50 cm / 40 % along axes longer than ``whole_threshold_mm``); each tile is
+   normalised on its own ((x - min) / (p99.5 - p0.5), as the official pipeline) and padded to a
+   multiple of 32;
+2. runs all tiles (of one or several scans) in a few batched forward passes under
+   ``torch.inference_mode()``;
+3. merges overlapping tiles by the median and decodes each slice: threshold, connected
+   components, one peak per component; each centroid takes, per corner type, the corner whose
+   arrow lands closest to it (within ``arrow_tolerance`` x the arrow length); one missing corner is
+   rebuilt from the opposite corner's arrow, more missing corners drop the centroid;
+4. groups slice quadrilaterals across slices by polygon IoU (largest first) and removes
+   single-slice detections.
+
+Polygons come back in the ingested series' pixel grid, corners (row, col) ordered
+superior-anterior, superior-posterior, inferior-posterior, inferior-anterior, vertebrae sorted
+caudal (largest row) first.
+
+The architecture is configuration: ``Detector.load(path)`` rebuilds the network named in the
+checkpoint's :class:`DetectorConfig` (``"cpu-unet"`` = :mod:`spinecohort.nets.detector_cpu`,
+``"official"`` = :func:`spinecohort.nets.official.build_official` ``('detector')``), and
+``Detector.official(module)`` wraps an official VFRResNetDetector with the official
+preprocessing constants.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import nn
+
+__all__ = [
+    "CORNER_NAMES",
+    "CHANNEL_CORNER",
+    "DetectorConfig",
+    "DetectedVertebra",
+    "SliceQuad",
+    "Detector",
+    "build_network",
+    "plan_tiles",
+    "resample_volume",
+    "normalize_tiles",
+    "merge_tiles",
+    "find_peaks",
+    "decode_slice",
+    "group_across_slices",
+    "merge_fragments",
+    "drop_lateral",
+    "polygon_iou",
+    "polygon_area",
+    "quad_centroid",
+    "point_in_quad",
+    "is_valid_quad",
+    "save_checkpoint",
+    "CHECKPOINT_FORMAT",
+]
+
+#: Polygon corner order used everywhere in spinecohort.
+CORNER_NAMES = ("SA", "SP", "IP", "IA")
+#: Network corner channel c (0..3) holds polygon corner CHANNEL_CORNER[c]: the official order
+#: rt, rb, lb, lt with anterior on the left (low cols) is SP, IP, IA, SA.
+CHANNEL_CORNER = (1, 2, 3, 0)
+CENTROID_CHANNEL = 4
+ARROW_X_CHANNELS = (5, 6, 7, 8)
+ARROW_Y_CHANNELS = (9, 10, 11, 12)
+N_CHANNELS = 13
+CHECKPOINT_FORMAT = "spinecohort-detector"
+#: Corner permutations that keep geometric order after flipping rows / cols.
+FLIP_ROWS_PERM = (3, 2, 1, 0)
+FLIP_COLS_PERM = (1, 0, 3, 2)
+
+
+@dataclass
+class DetectorConfig:
+    """Preprocessing, tiling and decoding constants; saved inside the checkpoint."""
+
+    arch: str = "cpu-unet"                      # "cpu-unet" | "official"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    mm_per_px: float = 250.0 / 192.0            # network pixel size (tile_mm / net input px)
+    tile_mm: float = 250.0                      # lumbar-size tile edge
+    overlap: float = 0.3
+    max_single_mm: float = 330.0                # an axis up to this extent is one tile
+    whole_threshold_mm: float = 450.0           # an axis longer than this uses whole-spine tiles
+    whole_tile_mm: float = 500.0
+    whole_overlap: float = 0.4
+    pad_multiple: int = 32
+    norm_low_pct: float = 0.5
+    norm_high_pct: float = 99.5
+    corner_threshold: float = 0.5
+    centroid_threshold: float = 0.5
+    arrow_tolerance: float = 0.5                # arrow must land within this x its length
+    arrow_max_px: float = 0.0                   # and within this many net px (0 = no limit)
+    max_missing_corners: int = 1
+    duplicate_corner_px: float = 2.0
+    group_iou: float = 0.25
+    max_slice_gap: int = 1                      # a vertebra may skip this many slices
+    merge_iou: float = 0.25                     # fragments of one body (slice gap <= merge_max_gap)
+    merge_max_gap: int = 3                      # overlapping this much are merged (0 IoU = off)
+    min_slices: int = 2                         # single-slice detections are removed
+    min_score: float = 0.0                      # vertebrae scoring lower are dropped
+    lateral_check: bool = True                  # drop groups lying wholly lateral to the column
+    peak_mode: str = "component"                # "component" (one peak per connected component,
+                                                # as the reference) or "local_max" (every 3x3 maximum)
+    batch_tiles: int = 32
+    autocast_bf16: bool = False                 # bfloat16 inference (fast on AVX512-BF16/AMX CPUs)
+
+    @classmethod
+    def official(cls) -> "DetectorConfig":
+        """The official SpineNetV2 constants (26 cm tiles -> 224 px, 40 % overlap, thresholds
+        0.6, arrow check 0.5 x length or 20 px, grouping IoU 0.2)."""
+        return cls(arch="official", mm_per_px=260.0 / 224.0, tile_mm=260.0, overlap=0.4,
+                   max_single_mm=260.0, whole_threshold_mm=1e9, corner_threshold=0.6,
+                   centroid_threshold=0.6, arrow_max_px=20.0, group_iou=0.2, batch_tiles=8)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DetectorConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class DetectedVertebra:
+    polygons: dict[int, np.ndarray]               # slice -> (4,2) (row, col) in the ingested grid
+    centroid: tuple[float, float, float]          # (slice, row, col)
+    score: float
+    slice_scores: dict[int, float] = field(default_factory=dict, repr=False)
+
+    @property
+    def slice_min(self) -> int:
+        return min(self.polygons)
+
+    @property
+    def slice_max(self) -> int:
+        return max(self.polygons)
+
+    def polygon_near(self, s: int, max_dist: int = 1) -> np.ndarray | None:
+        """Its polygon on slice ``s``, else on the nearest slice within ``max_dist``."""
+        if s in self.polygons:
+            return self.polygons[s]
+        near = [k for k in self.polygons if abs(k - s) <= max_dist]
+        if not near:
+            return None
+        return self.polygons[min(near, key=lambda k: (abs(k - s), k))]
+
+
+@dataclass
+class SliceQuad:
+    quad: np.ndarray       # (4,2) (row, col)
+    score: float
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry
+# ---------------------------------------------------------------------------------------------
+def polygon_area(poly: np.ndarray) -> float:
+    p = np.asarray(poly, dtype=np.float64)
+    x, y = p[:, 0], p[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+
+
+def _signed_area(p: np.ndarray) -> float:
+    x, y = p[:, 0], p[:, 1]
+    return float((np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+
+
+def quad_centroid(poly: np.ndarray) -> np.ndarray:
+    """Area centroid of a polygon ((row, col)); the vertex mean when degenerate."""
+    p = np.asarray(poly, dtype=np.float64)
+    x, y = p[:, 0], p[:, 1]
+    xn, yn = np.roll(x, -1), np.roll(y, -1)
+    cross = x * yn - xn * y
+    a = cross.sum() / 2
+    if abs(a) < 1e-9:
+        return p.mean(axis=0)
+    return np.array([((x + xn) * cross).sum() / (6 * a), ((y + yn) * cross).sum() / (6 * a)])
+
+
+def is_valid_quad(quad: np.ndarray, min_area: float = 4.0) -> bool:
+    """Convex, non-degenerate, and in the expected turning direction (SA, SP, IP, IA)."""
+    q = np.asarray(quad, dtype=np.float64)
+    if not np.all(np.isfinite(q)):
+        return False
+    d = np.roll(q, -1, axis=0) - q
+    cross = d[:, 0] * np.roll(d, -1, axis=0)[:, 1] - d[:, 1] * np.roll(d, -1, axis=0)[:, 0]
+    # (row, col) with rows down, cols right: SA -> SP -> IP -> IA turns with cross < 0
+    return bool(np.all(cross < 0) and polygon_area(q) >= min_area)
+
+
+def point_in_quad(point: Sequence[float], quad: np.ndarray) -> bool:
+    """Whether a (row, col) point lies inside a convex polygon (either orientation)."""
+    q = np.asarray(quad, dtype=np.float64)
+    p = np.asarray(point, dtype=np.float64)
+    d = np.roll(q, -1, axis=0) - q
+    r = p - q
+    cross = d[:, 0] * r[:, 1] - d[:, 1] * r[:, 0]
+    return bool(np.all(cross <= 1e-9) or np.all(cross >= -1e-9))
+
+
+def _area2(pts: list[tuple[float, float]]) -> float:
+    """Twice the signed shoelace area of a polygon given as a list of (x, y) tuples."""
+    n = len(pts)
+    return sum(pts[i][0] * pts[(i + 1) % n][1] - pts[(i + 1) % n][0] * pts[i][1] for i in range(n))
+
+
+def _clip_convex(subject: list[tuple[float, float]], clip: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sutherland-Hodgman: ``subject`` clipped by the convex polygon ``clip`` (both
+    counter-clockwise, lists of (x, y) tuples)."""
+    out = subject
+    n = len(clip)
+    for i in range(n):
+        if not out:
+            break
+        ax, ay = clip[i]
+        bx, by = clip[(i + 1) % n]
+        ex, ey = bx - ax, by - ay
+        inp, out = out, []
+        prev = inp[-1]
+        prev_in = ex * (prev[1] - ay) - ey * (prev[0] - ax) >= 0
+        for cur in inp:
+            cur_in = ex * (cur[1] - ay) - ey * (cur[0] - ax) >= 0
+            if cur_in != prev_in:
+                x1, y1, x2, y2 = prev[0], prev[1], cur[0], cur[1]
+                den = (x1 - x2) * (ay - by) - (y1 - y2) * (ax - bx)
+                if abs(den) < 1e-12:
+                    out.append(cur)
+                else:
+                    t = ((x1 - ax) * (ay - by) - (y1 - ay) * (ax - bx)) / den
+                    out.append((x1 + t * (x2 - x1), y1 + t * (y2 - y1)))
+            if cur_in:
+                out.append(cur)
+            prev, prev_in = cur, cur_in
+    return out
+
+
+def polygon_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two convex polygons given as (n, 2) points."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    # quick reject on bounding boxes
+    if (a[:, 0].max() < b[:, 0].min() or b[:, 0].max() < a[:, 0].min()
+            or a[:, 1].max() < b[:, 1].min() or b[:, 1].max() < a[:, 1].min()):
+        return 0.0
+    pa = [(float(x), float(y)) for x, y in a]
+    pb = [(float(x), float(y)) for x, y in b]
+    aa, ab = _area2(pa), _area2(pb)
+    if aa < 0:
+        pa, aa = pa[::-1], -aa
+    if ab < 0:
+        pb, ab = pb[::-1], -ab
+    inter = _clip_convex(pa, pb)
+    ia = abs(_area2(inter)) / 2 if len(inter) >= 3 else 0.0
+    union = aa / 2 + ab / 2 - ia
+    return float(ia / union) if union > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# networks
+# ---------------------------------------------------------------------------------------------
+def build_network(config: DetectorConfig) -> nn.Module:
+    """The network named by ``config.arch`` (untrained)."""
+    if config.arch in ("cpu-unet", "cpu_unet"):
+        from .nets.detector_cpu import CPUDetectorUNet
+
+        return CPUDetectorUNet(**config.arch_kwargs)
+    if config.arch == "official":
+        from .nets.official import build_official
+
+        return build_official("detector")
+    raise ValueError(f"unknown detector architecture {config.arch!r} (expected 'cpu-unet' or 'official')")
+
+
+def save_checkpoint(path: str | Path, net: nn.Module, config: DetectorConfig,
+                    meta: dict[str, Any] | None = None, half: bool = True) -> None:
+    """Save weights (floating tensors as fp16 when ``half``) with the config and metadata, in a
+    form ``torch.load(weights_only=True)`` reads."""
+    state = {}
+    for k, v in net.state_dict().items():
+        v = v.detach().cpu()
+        if half and v.is_floating_point():
+            v = v.half()
+        state[k] = v.contiguous()
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": 1,
+        "config": config.to_dict(),
+        "state_dict": state,
+        # plain JSON types only, so weights_only loading accepts it
+        "meta": json.loads(json.dumps(dict(meta or {}), default=str)),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocessing
+# ---------------------------------------------------------------------------------------------
+def resample_volume(volume: np.ndarray | torch.Tensor, pixel_spacing_mm: Sequence[float],
+                    mm_per_px: float) -> tuple[torch.Tensor, tuple[float, float]]:
+    """(S, R, C) -> (S, R', C') at ``mm_per_px``; returns the tensor and the per-axis scale
+    factors (R'/R, C'/C). Original coordinate = (resampled + 0.5) / factor - 0.5."""
+    vol = torch.as_tensor(np.ascontiguousarray(volume), dtype=torch.float32)
+    s, r, c = vol.shape
+    sr, sc = float(pixel_spacing_mm[0]), float(pixel_spacing_mm[1])
+    r2 = max(1, int(round(r * sr / mm_per_px)))
+    c2 = max(1, int(round(c * sc / mm_per_px)))
+    if (r2, c2) == (r, c):
+        return vol, (1.0, 1.0)
+    out = F.interpolate(vol[:, None], size=(r2, c2), mode="bilinear", align_corners=False,
+                        antialias=(r2 < r or c2 < c))[:, 0]
+    return out, (r2 / r, c2 / c)
+
+
+def _axis_tiles(extent: int, config: DetectorConfig) -> list[tuple[int, int]]:
+    """(start, size) of the tiles along one axis of ``extent`` network pixels."""
+    mm = extent * config.mm_per_px
+    if mm > config.whole_threshold_mm:
+        edge, overlap = config.whole_tile_mm, config.whole_overlap
+    else:
+        edge, overlap = config.tile_mm, config.overlap
+    size = int(round(edge / config.mm_per_px))
+    single = int(round(max(config.max_single_mm, edge) / config.mm_per_px))
+    if extent <= single or extent <= size:
+        return [(0, extent)]
+    stride = max(1, int(size * (1.0 - overlap)))
+    n = int(math.ceil((extent - size) / stride)) + 1
+    starts = np.round(np.linspace(0, extent - size, n)).astype(int)
+    return [(int(s0), size) for s0 in starts]
+
+
+def plan_tiles(shape: tuple[int, int], config: DetectorConfig) -> list[tuple[int, int, int, int]]:
+    """Tiles covering a resampled slice of ``shape`` (R', C'): (row0, rows, col0, cols)."""
+    return [(r0, rh, c0, cw) for r0, rh in _axis_tiles(shape[0], config)
+            for c0, cw in _axis_tiles(shape[1], config)]
+
+
+def _padded(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def normalize_tiles(tiles: torch.Tensor, low_pct: float = 0.5, high_pct: float = 99.5) -> torch.Tensor:
+    """Per-tile (x - min) / (p_high - p_low + 1e-9) (the official normalisation); (N, H, W)."""
+    flat = tiles.reshape(tiles.shape[0], -1)
+    lo = flat.min(dim=1).values
+    q = torch.quantile(flat, torch.tensor([low_pct / 100.0, high_pct / 100.0], dtype=flat.dtype), dim=1)
+    rng = (q[1] - q[0]).abs()
+    ptp = flat.max(dim=1).values - lo
+    rng = torch.where(rng > 0, rng, ptp)
+    return (tiles - lo[:, None, None]) / (rng[:, None, None] + 1e-9)
+
+
+def merge_tiles(outputs: Sequence[torch.Tensor], boxes: Sequence[tuple[int, int, int, int]],
+                shape: tuple[int, int]) -> torch.Tensor:
+    """Merge per-tile maps (C, rows, cols) into one (C, R', C') map; overlaps take the median
+    (the mean of the two middle values for an even count)."""
+    if len(outputs) == 1:
+        r0, rh, c0, cw = boxes[0]
+        if (r0, c0) == (0, 0) and (rh, cw) == tuple(shape):
+            return outputs[0]
+    ch = outputs[0].shape[0]
+    stack = torch.full((len(outputs), ch, *shape), float("nan"))
+    for i, (o, (r0, rh, c0, cw)) in enumerate(zip(outputs, boxes)):
+        stack[i, :, r0:r0 + rh, c0:c0 + cw] = o
+    if len(outputs) == 1:
+        return torch.nan_to_num(stack[0])
+    srt, _ = torch.sort(stack, dim=0)  # NaNs sort last
+    count = (~torch.isnan(stack[:, :1])).sum(dim=0, keepdim=True).clamp(min=1)
+    lo = torch.gather(srt, 0, ((count - 1) // 2).expand(1, ch, *shape))
+    hi = torch.gather(srt, 0, (count // 2).expand(1, ch, *shape))
+    return torch.nan_to_num(((lo + hi) / 2)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+# ---------------------------------------------------------------------------------------------
+def find_peaks(heat: np.ndarray, threshold: float, mode: str = "component") -> tuple[np.ndarray, np.ndarray]:
+    """Threshold, label connected components (4-connectivity), one argmax per component
+    (``mode="local_max"``: every 3 x 3 local maximum above the threshold instead, which keeps
+    touching peaks apart), with quadratic sub-pixel refinement. Returns points (n, 2) (row, col)
+    and peak values (n,)."""
+    mask = heat > threshold
+    if not mask.any():
+        return np.zeros((0, 2)), np.zeros(0)
+    if mode == "local_max":
+        mask = mask & (heat >= ndimage.maximum_filter(heat, size=3, mode="nearest"))
+    lab, n = ndimage.label(mask)  # 4-connectivity; in local_max mode plateaus count once
+    flat = np.flatnonzero(lab)
+    labs = lab.ravel()[flat]
+    v = heat.ravel()[flat]
+    order = np.lexsort((-v, labs))  # per label, the highest value first
+    first = np.ones(len(order), bool)
+    first[1:] = labs[order][1:] != labs[order][:-1]
+    best = flat[order][first]
+    pos = np.stack(np.unravel_index(best, heat.shape), axis=1).astype(np.int64)
+    vals = heat.ravel()[best].astype(np.float64)
+    pts = pos.astype(np.float64)
+    h, w = heat.shape
+    for k, (r, c) in enumerate(pos):
+        v0 = heat[r, c]
+        if 0 < r < h - 1:
+            a, b = heat[r - 1, c], heat[r + 1, c]
+            den = a - 2 * v0 + b
+            if den < 0:
+                pts[k, 0] += float(np.clip(0.5 * (a - b) / den, -0.5, 0.5))
+        if 0 < c < w - 1:
+            a, b = heat[r, c - 1], heat[r, c + 1]
+            den = a - 2 * v0 + b
+            if den < 0:
+                pts[k, 1] += float(np.clip(0.5 * (a - b) / den, -0.5, 0.5))
+    return pts, vals
+
+
+def _sample(field2d: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    if len(pts) == 0:
+        return np.zeros(0)
+    return ndimage.map_coordinates(field2d, pts.T, order=1, mode="nearest")
+
+
+def decode_slice(maps: np.ndarray, config: DetectorConfig) -> list[SliceQuad]:
+    """Quadrilaterals on one slice from its 13 maps (network pixel units)."""
+    cents, cvals = find_peaks(maps[CENTROID_CHANNEL], config.centroid_threshold, config.peak_mode)
+    if len(cents) == 0:
+        return []
+    corners = []
+    for c in range(4):
+        pts, vals = find_peaks(maps[c], config.corner_threshold, config.peak_mode)
+        arrows = np.stack([_sample(maps[ARROW_Y_CHANNELS[c]], pts),
+                           _sample(maps[ARROW_X_CHANNELS[c]], pts)], axis=1) if len(pts) else np.zeros((0, 2))
+        corners.append((CHANNEL_CORNER[c], pts, vals, arrows))
+    quads: list[SliceQuad] = []
+    for m, mval in zip(cents, cvals):
+        quad = np.full((4, 2), np.nan)
+        arrow_of = np.full((4, 2), np.nan)
+        score = [float(mval)]
+        for k, pts, vals, arrows in corners:
+            if len(pts) == 0:
+                score.append(0.0)
+                continue
+            landing = pts + arrows
+            dist = np.hypot(*(landing - m).T)
+            length = np.hypot(*arrows.T)
+            ok = dist <= config.arrow_tolerance * length
+            if config.arrow_max_px > 0:
+                ok &= dist <= config.arrow_max_px
+            if not ok.any():
+                score.append(0.0)
+                continue
+            j = int(np.argmin(np.where(ok, dist, np.inf)))
+            quad[k] = pts[j]
+            arrow_of[k] = arrows[j]
+            score.append(float(vals[j]))
+        missing = [k for k in range(4) if np.isnan(quad[k, 0])]
+        if len(missing) > config.max_missing_corners or len(missing) == 4:
+            continue
+        for k in missing:
+            opp = (k + 2) % 4
+            if np.isnan(arrow_of[opp, 0]):
+                break
+            quad[k] = m + arrow_of[opp]
+        if np.isnan(quad).any():
+            continue
+        if not is_valid_quad(quad) or not point_in_quad(m, quad):
+            continue
+        quads.append(SliceQuad(quad, float(np.mean(score))))
+    return _remove_duplicates(quads, config.duplicate_corner_px)
+
+
+def _remove_duplicates(quads: list[SliceQuad], corner_px: float) -> list[SliceQuad]:
+    """Of quads sharing a corner (closer than ``corner_px``) or overlapping heavily, keep the
+    higher-scoring one."""
+    order = sorted(range(len(quads)), key=lambda i: -quads[i].score)
+    kept: list[SliceQuad] = []
+    for i in order:
+        q = quads[i]
+        clash = False
+        for p in kept:
+            if np.min(np.hypot(*(q.quad - p.quad).T)) < corner_px or polygon_iou(q.quad, p.quad) > 0.3:
+                clash = True
+                break
+        if not clash:
+            kept.append(q)
+    return kept
+
+
+def group_across_slices(per_slice: dict[int, list[SliceQuad]], iou_threshold: float = 0.25,
+                        max_gap: int = 1, min_slices: int = 2, merge_iou: float = 0.0,
+                        merge_max_gap: int = 3) -> list[dict[int, SliceQuad]]:
+    """Chain slice quadrilaterals into vertebrae: each quad joins the group whose most recent
+    quad (at most ``max_gap`` slices skipped) overlaps it most, if IoU > ``iou_threshold``
+    (pairs assigned greedily, largest IoU first). With ``merge_iou`` > 0, groups on disjoint
+    slices at most ``merge_max_gap`` slices apart whose facing quads overlap more than that are
+    merged (a body interrupted at a lateral slice). Groups seen on fewer than ``min_slices``
+    slices are dropped."""
+    groups: list[dict[int, SliceQuad]] = []
+    last: list[int] = []
+    for s in sorted(per_slice):
+        quads = per_slice[s]
+        open_ids = [g for g in range(len(groups)) if s - 1 - max_gap <= last[g] < s]
+        pairs = []
+        for gi in open_ids:
+            prev = groups[gi][last[gi]].quad
+            for qi, q in enumerate(quads):
+                iou = polygon_iou(prev, q.quad)
+                if iou > iou_threshold:
+                    pairs.append((iou, -(s - last[gi]), gi, qi))
+        pairs.sort(reverse=True)
+        used_g, used_q = set(), set()
+        for iou, _, gi, qi in pairs:
+            if gi in used_g or qi in used_q:
+                continue
+            groups[gi][s] = quads[qi]
+            last[gi] = s
+            used_g.add(gi)
+            used_q.add(qi)
+        for qi, q in enumerate(quads):
+            if qi not in used_q:
+                groups.append({s: q})
+                last.append(s)
+    if merge_iou > 0:
+        groups = merge_fragments(groups, merge_iou, merge_max_gap)
+    return [g for g in groups if len(g) >= min_slices]
+
+
+def merge_fragments(groups: list[dict[int, SliceQuad]], iou_threshold: float, max_gap: int
+                    ) -> list[dict[int, SliceQuad]]:
+    """Merge groups on disjoint slice ranges (gap <= ``max_gap``) whose facing quads overlap
+    by IoU > ``iou_threshold``; larger groups absorb smaller ones first."""
+    groups = sorted((dict(g) for g in groups), key=lambda g: -len(g))
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(groups)):
+            gi = groups[i]
+            lo_i, hi_i = min(gi), max(gi)
+            for j in range(i + 1, len(groups)):
+                gj = groups[j]
+                lo_j, hi_j = min(gj), max(gj)
+                if hi_j < lo_i:
+                    gap, a, b = lo_i - hi_j - 1, gi[lo_i], gj[hi_j]
+                elif lo_j > hi_i:
+                    gap, a, b = lo_j - hi_i - 1, gi[hi_i], gj[lo_j]
+                else:
+                    continue
+                if gap <= max_gap and polygon_iou(a.quad, b.quad) > iou_threshold:
+                    gi.update(gj)
+                    del groups[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return groups
+
+
+def drop_lateral(verts: list[DetectedVertebra], k: int = 4, min_ref_slices: int = 3) -> list[DetectedVertebra]:
+    """Drop detections whose slice range misses the spinal column's local mid-sagittal region:
+    the median centroid slice of the ``k`` nearest (in-plane) other detections spanning at least
+    ``min_ref_slices`` slices, +- a quarter of their median slice extent (at least 1 slice).
+    Removes pedicles, facets and lateral masses found on far-lateral slices; follows a
+    scoliotic column because the reference is local."""
+    if len(verts) < 3:
+        return verts
+    cen = np.array([v.centroid for v in verts])
+    span = np.array([v.slice_max - v.slice_min + 1 for v in verts])
+    keep = []
+    for i, v in enumerate(verts):
+        ref = [j for j in range(len(verts)) if j != i and span[j] >= min_ref_slices]
+        if len(ref) < 2:
+            keep.append(v)
+            continue
+        d = np.hypot(cen[ref, 1] - cen[i, 1], cen[ref, 2] - cen[i, 2])
+        near = [ref[j] for j in np.argsort(d)[:k]]
+        centre = float(np.median(cen[near, 0]))
+        tol = max(1.0, 0.25 * float(np.median(span[near])))
+        if v.slice_min <= centre + tol and v.slice_max >= centre - tol:
+            keep.append(v)
+    return keep
+
+
+def _vertebra_from_group(group: dict[int, SliceQuad]) -> DetectedVertebra:
+    slices = sorted(group)
+    areas = np.array([max(polygon_area(group[s].quad), 1e-6) for s in slices])
+    cents = np.array([quad_centroid(group[s].quad) for s in slices])
+    w = areas / areas.sum()
+    centroid = (float(np.dot(w, slices)), float(np.dot(w, cents[:, 0])), float(np.dot(w, cents[:, 1])))
+    score = float(np.mean([group[s].score for s in slices]))
+    return DetectedVertebra({s: group[s].quad.astype(np.float64) for s in slices}, centroid, score,
+                            {s: group[s].score for s in slices})
+
+
+# ---------------------------------------------------------------------------------------------
+# the detector
+# ---------------------------------------------------------------------------------------------
+class Detector:
+    """A detection network with its preprocessing/decoding configuration."""
+
+    def __init__(self, net: nn.Module, config: DetectorConfig | None = None, device: str = "cpu",
+                 meta: dict[str, Any] | None = None):
+        self.config = config or DetectorConfig()
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        self.meta = dict(meta or {})
+        if self.config.autocast_bf16:
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "Detector":
+        """A spinecohort detector checkpoint (:func:`save_checkpoint`), or an official SpineNet
+        ``detect-vfr`` checkpoint (a dict with key ``net``)."""
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+            config = DetectorConfig.from_dict(payload["config"])
+            state = payload["state_dict"]
+            meta = payload.get("meta", {})
+        elif isinstance(payload, dict) and "net" in payload:
+            config, state, meta = DetectorConfig.official(), payload["net"], {"source": "official"}
+        else:
+            raise ValueError(f"{path}: not a detector checkpoint")
+        net = build_network(config)
+        ref = net.state_dict()
+        state = {k: (v.to(ref[k].dtype) if k in ref and v.is_floating_point() else v)
+                 for k, v in state.items()}
+        net.load_state_dict(state, strict=True)
+        return cls(net, config, device, meta)
+
+    @classmethod
+    def official(cls, module: nn.Module, device: str = "cpu",
+                 config: DetectorConfig | None = None) -> "Detector":
+        """Wrap an official VFRResNetDetector (e.g. ``build_official('detector')`` with the
+        user's ``ckpt435.pt`` loaded) with the official preprocessing constants."""
+        return cls(module, config or DetectorConfig.official(), device, {"source": "official"})
+
+    # -- inference ----------------------------------------------------------------------------
+    def _prepare(self, volume: np.ndarray, spacing: Sequence[float]):
+        res, factors = resample_volume(volume, spacing, self.config.mm_per_px)
+        boxes = plan_tiles(tuple(res.shape[1:]), self.config)
+        return res, factors, boxes
+
+    def _forward(self, tiles: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run normalised, unpadded (h, w) tiles through the network; returns (13, h, w) maps.
+        Tiles of the same padded shape share batches."""
+        cfg = self.config
+        out: list[torch.Tensor | None] = [None] * len(tiles)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, t in enumerate(tiles):
+            shp = (_padded(t.shape[0], cfg.pad_multiple), _padded(t.shape[1], cfg.pad_multiple))
+            by_shape.setdefault(shp, []).append(i)
+        with torch.inference_mode():
+            for (ph, pw), ids in by_shape.items():
+                for b0 in range(0, len(ids), max(1, cfg.batch_tiles)):
+                    chunk = ids[b0:b0 + cfg.batch_tiles]
+                    x = torch.zeros(len(chunk), 1, ph, pw)
+                    for j, i in enumerate(chunk):
+                        h, w = tiles[i].shape
+                        x[j, 0, :h, :w] = tiles[i]
+                    x = x.to(self.device)
+                    if cfg.autocast_bf16:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+                        y = self.net(x)
+                    y = y.float().cpu()
+                    for j, i in enumerate(chunk):
+                        h, w = tiles[i].shape
+                        out[i] = y[j, :, :h, :w]
+        return out  # type: ignore[return-value]
+
+    def predict_maps(self, volume: np.ndarray, pixel_spacing_mm: Sequence[float]) -> tuple[torch.Tensor, tuple[float, float]]:
+        """Merged network maps (S, 13, R', C') on the resampled grid, and the scale factors."""
+        return self._predict_maps_batch([volume], [pixel_spacing_mm])[0]
+
+    def _predict_maps_batch(self, volumes, spacings):
+        cfg = self.config
+        prepared = [self._prepare(v, s) for v, s in zip(volumes, spacings)]
+        tiles, index = [], []
+        for vi, (res, _, boxes) in enumerate(prepared):
+            for bi, (r0, rh, c0, cw) in enumerate(boxes):
+                crops = res[:, r0:r0 + rh, c0:c0 + cw]
+                crops = normalize_tiles(crops, cfg.norm_low_pct, cfg.norm_high_pct)
+                for s in range(res.shape[0]):
+                    tiles.append(crops[s])
+                    index.append((vi, s, bi))
+        outputs = self._forward(tiles)
+        per: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+        for (vi, s, bi), o in zip(index, outputs):
+            per.setdefault((vi, s), {})[bi] = o
+        results = []
+        for vi, (res, factors, boxes) in enumerate(prepared):
+            shape = tuple(res.shape[1:])
+            maps = torch.stack([
+                merge_tiles([per[(vi, s)][bi] for bi in range(len(boxes))], boxes, shape)
+                for s in range(res.shape[0])
+            ])
+            results.append((maps, factors))
+        return results
+
+    def _decode_volume(self, maps: torch.Tensor, factors: tuple[float, float]) -> list[DetectedVertebra]:
+        cfg = self.config
+        fr, fc = factors
+        per_slice: dict[int, list[SliceQuad]] = {}
+        arr = maps.numpy()
+        for s in range(arr.shape[0]):
+            quads = decode_slice(arr[s], cfg)
+            for q in quads:  # network grid -> ingested grid
+                q.quad = np.stack([(q.quad[:, 0] + 0.5) / fr - 0.5, (q.quad[:, 1] + 0.5) / fc - 0.5], axis=1)
+            per_slice[s] = quads
+        groups = group_across_slices(per_slice, cfg.group_iou, cfg.max_slice_gap, cfg.min_slices,
+                                     cfg.merge_iou, cfg.merge_max_gap)
+        verts = [v for v in (_vertebra_from_group(g) for g in groups) if v.score >= cfg.min_score]
+        if cfg.lateral_check:
+            verts = drop_lateral(verts)
+        verts.sort(key=lambda v: (-v.centroid[1], v.centroid[2]))
+        return verts
+
+    def detect(self, volume: np.ndarray, pixel_spacing_mm: Sequence[float], *,
+               flip_rows: bool = False, flip_cols: bool = False) -> list[DetectedVertebra]:
+        """Vertebrae in one (slices, rows, cols) volume, caudal (largest row) first.
+
+        ``flip_rows``/``flip_cols``: the volume's rows run inferior -> superior / its cols run
+        posterior -> anterior; it is flipped for the network and the polygons mapped back (corner
+        names stay anatomical)."""
+        return self.detect_batch([volume], [pixel_spacing_mm], flip_rows=[flip_rows], flip_cols=[flip_cols])[0]
+
+    def detect_batch(self, volumes: Sequence[np.ndarray], spacings: Sequence[Sequence[float]], *,
+                     flip_rows: Sequence[bool] | None = None,
+                     flip_cols: Sequence[bool] | None = None) -> list[list[DetectedVertebra]]:
+        """:meth:`detect` for several scans, their tiles batched together."""
+        n = len(volumes)
+        if len(spacings) != n:
+            raise ValueError("volumes and spacings differ in length")
+        flip_rows = list(flip_rows or [False] * n)
+        flip_cols = list(flip_cols or [False] * n)
+        prepared = []
+        for v, fr_, fc_ in zip(volumes, flip_rows, flip_cols):
+            v = np.asarray(v, dtype=np.float32)
+            if v.ndim != 3:
+                raise ValueError(f"expected a (slices, rows, cols) volume, got shape {v.shape}")
+            if fr_:
+                v = v[:, ::-1]
+            if fc_:
+                v = v[:, :, ::-1]
+            prepared.append(np.ascontiguousarray(v))
+        out = []
+        for (maps, factors), v, fr_, fc_ in zip(self._predict_maps_batch(prepared, spacings), prepared,
+                                                 flip_rows, flip_cols):
+            verts = self._decode_volume(maps, factors)
+            if fr_ or fc_:
+                verts = [_unflip(x, v.shape, fr_, fc_) for x in verts]
+                verts.sort(key=lambda x: (-x.centroid[1], x.centroid[2]))
+            out.append(verts)
+        return out
+
+
+def _unflip(v: DetectedVertebra, shape: tuple[int, int, int], flip_rows: bool, flip_cols: bool) -> DetectedVertebra:
+    _, rows, cols = shape
+    polys = {}
+    for s, q in v.polygons.items():
+        q = q.copy()
+        if flip_rows:
+            q[:, 0] = rows - 1 - q[:, 0]
+            q = q[list(FLIP_ROWS_PERM)]
+        if flip_cols:
+            q[:, 1] = cols - 1 - q[:, 1]
+            q = q[list(FLIP_COLS_PERM)]
+        polys[s] = q
+    s, r, c = v.centroid
+    if flip_rows:
+        r = rows - 1 - r
+    if flip_cols:
+        c = cols - 1 - c
+    return DetectedVertebra(polys, (s, r, c), v.score, dict(v.slice_scores))

@@ -1,0 +1,1 @@
+"""Neural networks used by spinecohort (plain PyTorch, no torchvision)."""

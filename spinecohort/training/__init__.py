@@ -1,0 +1,1 @@
+"""Training recipes for spinecohort's networks (``spinecohort train <network>``)."""

@@ -1,0 +1,692 @@
+"""Training the labelling networks (``spinecohort train labeller``).
+
+Recipe (deterministic given ``--seed``):
+
+1. **Data cache** (``--stage prepare``; resumable, ``--workers`` processes, under ``--cache``,
+   default ``/tmp/spinecohort-labeller-cache``; nothing is written into the repository):
+   synthetic phantoms ``spinecohort.synthetic.generate_scan(seed)`` for seeds ``0..N-1``
+   (fields of view drawn lumbar / whole / cervical 40 / 35 / 25 %, contrasts as the generator
+   draws them). For every truth body (partial ones included) ``K`` appearance volumes are cut
+   from its polygons after detector-like jitter (:func:`jitter_polygons`: box shift and scale,
+   per-corner noise, lateral slices dropped) and stored as uint8, with the body's size features,
+   level and vertical extent.
+2. **Appearance** (``--stage appearance``): the CPU appearance net on the synthetic scans with
+   ``seed % 5 != 4`` plus the public-lumbar TRAINING split: L1-L5 from the masks (the ivd cases'
+   L2-L5 between annotated discs), 6 jittered volumes each, and, when ``--detector`` exists, the
+   detector's output on those cases (:func:`public_lumbar_detector_items`: detections matched to
+   annotated bodies keep their level; the detection right below the lowest / above the highest
+   annotated body becomes S1 / T12 (L1), so the visible but unannotated neighbours are supervised
+   too), 4 volumes each. Cross-entropy with label smoothing 0.05, level-balanced sampling
+   (1/sqrt(count)), AdamW (weight decay 1e-3), one-cycle schedule (max lr 3e-3), batch 32 with
+   25 % public-lumbar (``--public-weight``); augmentation: lateral mirror, 15 % intensity
+   inversion, gamma, contrast/brightness, blur, noise, size-feature noise.
+3. **Context** (``--stage context``): appearance probabilities of the HELD-OUT synthetic scans
+   (``seed % 5 == 4``, never seen by the appearance net) form, per level, a pool of realistic
+   (mis)classifications. A training map takes one scan's body geometry (any split; extents in mm
+   with +-1.5 mm jitter), a random crop of its height (sub-fields of view), gives every body
+   either its own held-out probabilities (held-out scans) or a pool draw of its level, sharpens or
+   softens them (temperature x U(0.6, 1.6)), drops each body with p = 0.1 (its rows still
+   supervised), adds a false-positive body with p = 0.15 and, below S1 with p = 0.3, one to three
+   fused-sacral-segment detections with S1-like appearance (both unsupervised), and fills P as
+   the labeller does. Loss: cross-entropy of P' on every row of every truth body (the public-
+   lumbar training geometry included, with its detector-derived S1 / T12); AdamW (lr 2e-3, one
+   cycle), batch 12, 2000 steps.
+
+``--stage all`` (default) runs the three in order and writes ``models/appearance-cpu-v1.pt`` and
+``models/context-cpu-v1.pt`` (fp16 state dicts). Progress goes to ``--log``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..label import (
+    AppearanceConfig,
+    BeamConfig,
+    ContextConfig,
+    VertebraGeometry,
+    build_appearance_net,
+    build_context_net,
+    extract_appearance_volume,
+    height_probability_map,
+    save_labeller_checkpoint,
+    vertebra_geometry,
+)
+from ..tasks import LEVEL_INDEX, LEVELS
+
+__all__ = [
+    "DEFAULT_CACHE",
+    "jitter_polygons",
+    "prepare_synthetic",
+    "public_lumbar_items",
+    "train_appearance",
+    "train_context",
+    "main",
+]
+
+DEFAULT_CACHE = Path("/tmp/spinecohort-labeller-cache")
+DEFAULT_APPEARANCE = Path("models/appearance-cpu-v1.pt")
+DEFAULT_CONTEXT = Path("models/context-cpu-v1.pt")
+FOV_PROBS = (("lumbar", 0.40), ("whole", 0.35), ("cervical", 0.25))
+Q_OFFSET, Q_SCALE = 0.5, 100.0   # uint8 storage of normalised volumes: q = (x + 0.5) * 100
+
+
+def _quantize(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round((x + Q_OFFSET) * Q_SCALE), 0, 255).astype(np.uint8)
+
+
+def _dequantize(q: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) / Q_SCALE - Q_OFFSET
+
+
+def is_heldout_seed(seed: int) -> bool:
+    """Synthetic seeds kept from the appearance net (their predictions feed the context net)."""
+    return seed % 5 == 4
+
+
+def fov_for_seed(seed: int) -> str:
+    u = np.random.default_rng([seed, 7151]).random()
+    acc = 0.0
+    for name, p in FOV_PROBS:
+        acc += p
+        if u < acc:
+            return name
+    return FOV_PROBS[-1][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# detector-like jitter
+# ---------------------------------------------------------------------------------------------
+def jitter_polygons(polys: dict[int, np.ndarray], rng: np.random.Generator, strength: float = 1.0
+                    ) -> dict[int, np.ndarray]:
+    """Polygons perturbed like a detector's output: whole-body shift (~4 % of the box) and scale
+    (~4 %), per-corner noise (~2.5 %), and 0-2 lateral slices dropped per side (>= 2 kept)."""
+    ks = sorted(polys)
+    if not ks:
+        return {}
+    allp = np.concatenate([polys[k] for k in ks])
+    h = max(np.ptp(allp[:, 0]), 2.0)
+    w = max(np.ptp(allp[:, 1]), 2.0)
+    cen = allp.mean(0)
+    shift = rng.normal(0, 0.04 * strength, 2) * (h, w)
+    scale = 1.0 + rng.normal(0, 0.04 * strength, 2)
+    n = len(ks)
+    lo, hi = 0, n
+    if n > 2:
+        d_lo = int(rng.choice([0, 0, 1, 1, 2])) if strength > 0 else 0
+        d_hi = int(rng.choice([0, 0, 1, 1, 2])) if strength > 0 else 0
+        lo, hi = min(d_lo, (n - 2) // 2), max(n - d_hi, n - (n - 2) // 2)
+        if hi - lo < 2:
+            lo, hi = 0, n
+    out = {}
+    for k in ks[lo:hi]:
+        q = (polys[k] - cen) * scale + cen + shift
+        q = q + rng.normal(0, 0.025 * strength, (4, 2)) * (h, w)
+        out[k] = q
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# data cache
+# ---------------------------------------------------------------------------------------------
+def _scan_items(volume, spacing, verts, rng, cfg: AppearanceConfig, k_jitter: int, strength: float = 1.0):
+    """Appearance volumes (uint8), features, labels and per-body geometry rows of one scan."""
+    vol = torch.as_tensor(np.asarray(volume, dtype=np.float32))
+    crops, feats, labels, body = [], [], [], []
+    geo = []
+    for bi, (level, polys, centroid, partial) in enumerate(verts):
+        g0 = vertebra_geometry(polys, centroid)
+        if g0 is None:
+            continue
+        geo.append((LEVEL_INDEX[level], g0.top * spacing[0], g0.bottom * spacing[0],
+                    g0.centroid[1] * spacing[0], g0.centroid[2] * spacing[1], float(partial)))
+        for k in range(k_jitter):
+            jp = jitter_polygons(polys, rng, (0.5 if k == 0 else 1.0) * strength)
+            g = vertebra_geometry(jp, None)
+            if g is None:
+                continue
+            x, f = extract_appearance_volume(vol, spacing, g, cfg)
+            crops.append(_quantize(x))
+            feats.append(f)
+            labels.append(LEVEL_INDEX[level])
+            body.append(len(geo) - 1)
+    s, r, c = cfg.grid
+    return dict(
+        crops=np.stack(crops) if crops else np.zeros((0, s, r, c), np.uint8),
+        feats=np.stack(feats).astype(np.float32) if feats else np.zeros((0, 2), np.float32),
+        labels=np.asarray(labels, np.int64), body=np.asarray(body, np.int64),
+        geometry=np.asarray(geo, np.float64).reshape(-1, 6),
+    )
+
+
+def _prepare_one(args) -> str:
+    seed, cache, k_jitter, cfg_d = args
+    torch.set_num_threads(1)
+    from ..synthetic import generate_scan
+
+    path = Path(cache) / f"syn_{seed:06d}.npz"
+    if path.exists():
+        return f"{seed} cached"
+    cfg = AppearanceConfig.from_dict(cfg_d)
+    fov = fov_for_seed(seed)
+    scan = generate_scan(seed, fov=fov)
+    rng = np.random.default_rng([seed, 991])
+    verts = [(v.level, v.polygons, v.centroid, v.partial) for v in scan.vertebrae]
+    sp = (scan.pixel_spacing_mm, scan.pixel_spacing_mm)
+    items = _scan_items(scan.volume, sp, verts, rng, cfg, k_jitter)
+    height_mm = scan.volume.shape[1] * scan.pixel_spacing_mm
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **items, seed=seed, fov=fov, contrast=scan.contrast, height_mm=height_mm)
+    tmp.replace(path)
+    return f"{seed} {fov} {scan.contrast} {len(items['labels'])} volumes"
+
+
+def prepare_synthetic(cache: Path, n: int, k_jitter: int = 3, workers: int = 1,
+                      cfg: AppearanceConfig | None = None, log=print, start: int = 0) -> None:
+    cache.mkdir(parents=True, exist_ok=True)
+    cfg = cfg or AppearanceConfig()
+    jobs = [(s, str(cache), k_jitter, cfg.to_dict()) for s in range(start, start + n)]
+    t0 = time.time()
+    if workers <= 1:
+        for i, j in enumerate(jobs):
+            msg = _prepare_one(j)
+            if i % 10 == 0:
+                log(f"prepare {i + 1}/{n} {msg} ({time.time() - t0:.0f} s)")
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for i, msg in enumerate(pool.imap(_prepare_one, jobs)):
+                if i % 10 == 0:
+                    log(f"prepare {i + 1}/{n} {msg} ({time.time() - t0:.0f} s)")
+    log(f"prepare done: {n} scans in {time.time() - t0:.0f} s")
+
+
+def _resize_crops(crops: np.ndarray, grid: Sequence[int]) -> np.ndarray:
+    """uint8 volumes (N, S, R, C) cached at another in-plane size -> ``grid`` (antialiased)."""
+    if crops.shape[1:] == tuple(grid) or len(crops) == 0:
+        return crops
+    x = torch.from_numpy(_dequantize(crops))
+    n, s, r, c = x.shape
+    y = F.interpolate(x.reshape(n * s, 1, r, c), size=tuple(grid[1:]), mode="bilinear",
+                      align_corners=False, antialias=True).reshape(n, s, grid[1], grid[2])
+    return _quantize(y.numpy())
+
+
+def load_synthetic_cache(cache: Path, n: int, start: int = 0, grid: Sequence[int] | None = None) -> list[dict]:
+    out = []
+    for s in range(start, start + n):
+        p = cache / f"syn_{s:06d}.npz"
+        if not p.exists():
+            continue
+        with np.load(p, allow_pickle=False) as d:
+            item = {k: d[k] for k in d.files}
+        if grid is not None:
+            item["crops"] = _resize_crops(item["crops"], grid)
+        out.append(item)
+    return out
+
+
+def public_lumbar_items(split: str = "train", k_jitter: int = 6, cfg: AppearanceConfig | None = None,
+                        seed: int = 0, root=None) -> list[dict]:
+    """Appearance items of the public-lumbar cases of one split (annotated bodies only)."""
+    from ..publiclumbar import list_cases, load_case
+
+    cfg = cfg or AppearanceConfig()
+    out = []
+    for ref in list_cases(root, split=split):
+        case = load_case(ref)
+        rng = np.random.default_rng([seed, ref.number, 17])
+        verts = [(v.level, v.polygons, v.centroid, False) for v in case.vertebrae
+                 if v.polygons and v.level in LEVEL_INDEX]
+        verts.sort(key=lambda t: -t[2][1])
+        items = _scan_items(case.volume, case.pixel_spacing_mm, verts, rng, cfg, k_jitter)
+        items.update(seed=-1, fov="public-lumbar", name=ref.name,
+                     height_mm=case.volume.shape[1] * case.pixel_spacing_mm[0])
+        out.append(items)
+    return out
+
+
+def public_lumbar_detector_items(detector, split: str = "train", k_jitter: int = 6,
+                                 cfg: AppearanceConfig | None = None, seed: int = 0, root=None,
+                                 log=print) -> list[dict]:
+    """Appearance items of public-lumbar cases from the detector's output: detections matched to
+    an annotated body take its level (and keep the detector's polygons); the detection right below
+    the lowest annotated body (L5) becomes S1 and the one right above the highest (L1, or L2 in the
+    disc-annotated cases) becomes T12 (L1), when its distance to that body is 0.6-1.5x the
+    annotated spacing. Other detections are not used."""
+    from ..evaluation_labelling import _gt_from_polys, match_bodies
+    from ..publiclumbar import list_cases, load_case
+
+    cfg = cfg or AppearanceConfig()
+    out = []
+    n_extra = 0
+    for ref in list_cases(root, split=split):
+        case = load_case(ref)
+        sp = case.pixel_spacing_mm
+        gt = [_gt_from_polys(v.level, v.polygons, v.centroid, sp) for v in case.vertebrae
+              if v.polygons and v.level in LEVEL_INDEX]
+        gt.sort(key=lambda g: -g.centre_mm[0])
+        if len(gt) < 2:
+            continue
+        dets = detector.detect(case.volume, sp)
+        centres = np.array([[d.centroid[1] * sp[0], d.centroid[2] * sp[1]] for d in dets]).reshape(-1, 2)
+        match = match_bodies(gt, centres)
+        used = set(match.values())
+        verts = [(g.level, dets[j].polygons, dets[j].centroid, False) for i, g in enumerate(gt)
+                 for j in [match.get(i)] if j is not None]
+        spacing = float(np.median(np.hypot(*np.diff(np.array([g.centre_mm for g in gt]), axis=0).T)))
+        for end, step in ((gt[0], -1), (gt[-1], +1)):
+            lev = LEVEL_INDEX[end.level] + (-1 if step < 0 else 1)
+            if not 0 <= lev < len(LEVELS):
+                continue
+            cand = []
+            for j in range(len(dets)):
+                if j in used:
+                    continue
+                d = centres[j] - np.array(end.centre_mm)
+                dist = math.hypot(*d)
+                below = d[0] > 0
+                if (below if step < 0 else not below) and 0.6 * spacing <= dist <= 1.5 * spacing:
+                    cand.append((dist, j))
+            if cand:
+                j = min(cand)[1]
+                verts.append((LEVELS[lev], dets[j].polygons, dets[j].centroid, False))
+                n_extra += 1
+        verts.sort(key=lambda t: -t[2][1])
+        rng = np.random.default_rng([seed, ref.number, 23])
+        items = _scan_items(case.volume, sp, verts, rng, cfg, k_jitter, strength=0.5)
+        items.update(seed=-1, fov="public-lumbar", name=ref.name, height_mm=case.volume.shape[1] * sp[0])
+        out.append(items)
+    log(f"public-lumbar {split} via the detector: {len(out)} cases, {n_extra} S1/T12-type bodies added")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# appearance training
+# ---------------------------------------------------------------------------------------------
+def augment_batch(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(B, S, R, C) normalised volumes: lateral mirror, inversion, gamma, contrast, blur, noise."""
+    x = x.copy()
+    b = len(x)
+    for i in range(b):
+        v = x[i]
+        if rng.random() < 0.5:
+            v = v[::-1]
+        if rng.random() < 0.15:  # contrast inversion around the robust range
+            v = 1.0 - v
+        g = math.exp(rng.normal(0, 0.25))
+        v = np.sign(v) * np.abs(v) ** g
+        v = v * rng.uniform(0.8, 1.2) + rng.normal(0, 0.08)
+        if rng.random() < 0.3:
+            from scipy import ndimage
+
+            v = ndimage.gaussian_filter(v, (0, rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)))
+        v = v + rng.normal(0, rng.uniform(0.0, 0.06), v.shape)
+        x[i] = v
+    return x.astype(np.float32)
+
+
+def _gather(items: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    crops = np.concatenate([it["crops"] for it in items])
+    feats = np.concatenate([it["feats"] for it in items])
+    labels = np.concatenate([it["labels"] for it in items])
+    src = np.concatenate([np.full(len(it["labels"]), i) for i, it in enumerate(items)])
+    return crops, feats, labels, src
+
+
+def evaluate_appearance(net, crops, feats, labels, batch: int = 256) -> tuple[float, float, np.ndarray]:
+    """(accuracy, within-one accuracy, logits) of the appearance net on uint8 volumes."""
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for b0 in range(0, len(crops), batch):
+            x = torch.from_numpy(_dequantize(crops[b0:b0 + batch]))[:, None]
+            f = torch.from_numpy(feats[b0:b0 + batch])
+            out.append(net(x, f).float())
+    logits = torch.cat(out).numpy() if out else np.zeros((0, 24), np.float32)
+    pred = logits.argmax(1)
+    acc = float(np.mean(pred == labels)) if len(labels) else float("nan")
+    acc1 = float(np.mean(np.abs(pred - labels) <= 1)) if len(labels) else float("nan")
+    return acc, acc1, logits
+
+
+def train_appearance(syn: list[dict], public: list[dict], public_val: list[dict], *, steps: int,
+                     batch: int = 32, lr: float = 3e-3, seed: int = 0, public_weight: float = 0.25,
+                     cfg: AppearanceConfig | None = None, log=print, minutes: float | None = None):
+    cfg = cfg or AppearanceConfig()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 1])
+    net = build_appearance_net(cfg)
+    tr = [it for it in syn if not is_heldout_seed(int(it["seed"]))]
+    va = [it for it in syn if is_heldout_seed(int(it["seed"]))]
+    sc, sf, sl, _ = _gather(tr)
+    pc, pf, pl, _ = _gather(public) if public else (sc[:0], sf[:0], sl[:0], None)
+    # level-balanced sampling over synthetic volumes (rare levels: C2, S1, cervical)
+    counts = np.bincount(sl, minlength=24).astype(float)
+    wts = 1.0 / np.sqrt(np.maximum(counts[sl], 1.0))
+    wts /= wts.sum()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    t0 = time.time()
+    n_pub = int(round(batch * public_weight)) if len(pl) else 0
+    log(f"appearance: {len(sl)} synthetic volumes ({len(tr)} scans), {len(pl)} public, "
+        f"{sum(p.numel() for p in net.parameters())} parameters")
+    for step in range(steps):
+        net.train()
+        i_s = rng.choice(len(sl), batch - n_pub, p=wts)
+        xs, fs, ys = [sc[i_s]], [sf[i_s]], [sl[i_s]]
+        if n_pub:
+            i_p = rng.integers(0, len(pl), n_pub)
+            xs.append(pc[i_p]); fs.append(pf[i_p]); ys.append(pl[i_p])
+        x = augment_batch(_dequantize(np.concatenate(xs)), rng)
+        f = np.concatenate(fs) + rng.normal(0, 0.03, (len(x), 2)).astype(np.float32)
+        y = torch.from_numpy(np.concatenate(ys))
+        logits = net(torch.from_numpy(x)[:, None], torch.from_numpy(f))
+        loss = F.cross_entropy(logits, y, label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"appearance step {step}/{steps} loss {float(loss.detach()):.3f} lr {sched.get_last_lr()[0]:.2e} "
+                f"({time.time() - t0:.0f} s)")
+        if step % 1000 == 999 or step == steps - 1:
+            msg = []
+            if va:
+                vc, vf, vl, _ = _gather(va)
+                a, a1, _ = evaluate_appearance(net, vc, vf, vl)
+                msg.append(f"held-out synthetic acc {a:.3f} +-1 {a1:.3f}")
+            if public_val:
+                vc, vf, vl, _ = _gather(public_val)
+                a, a1, _ = evaluate_appearance(net, vc, vf, vl)
+                msg.append(f"public val acc {a:.3f} +-1 {a1:.3f}")
+            log("appearance eval: " + "; ".join(msg))
+        if minutes is not None and time.time() - t0 > minutes * 60:
+            log(f"appearance: time limit at step {step}")
+            break
+    net.eval()
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
+# context training
+# ---------------------------------------------------------------------------------------------
+class ContextSampler:
+    """Random height-probability maps with targets (see the module docstring)."""
+
+    def __init__(self, scans: list[dict], pools: dict[int, np.ndarray], own: dict[int, np.ndarray],
+                 temperature: float = 1.0, drop_p: float = 0.1, fp_p: float = 0.15, pad_multiple: int = 32,
+                 sacral_p: float = 0.3):
+        self.scans = scans
+        self.pools = pools          # level -> (m, 24) held-out logits
+        self.own = own              # scan index -> (n_bodies, 24) held-out logits (mean over jitters)
+        self.temperature = temperature
+        self.drop_p = drop_p
+        self.fp_p = fp_p
+        self.sacral_p = sacral_p
+        self.pad = pad_multiple
+
+    def sample(self, rng: np.random.Generator):
+        si = int(rng.integers(len(self.scans)))
+        sc = self.scans[si]
+        geo = sc["geometry"]  # (n, 6): level, top, bottom, crow, ccol, partial (mm)
+        height = float(sc["height_mm"])
+        if len(geo) == 0:
+            return None
+        # random sub-field of view (crop of the height), keeping >= 1 body
+        lo, hi = 0.0, height
+        if rng.random() < 0.35 and len(geo) > 3:
+            span = rng.uniform(0.35, 0.9) * height
+            lo = rng.uniform(0, height - span)
+            hi = lo + span
+        keep = [(i, g) for i, g in enumerate(geo) if g[2] > lo + 3 and g[1] < hi - 3]
+        if not keep:
+            return None
+        n_rows = int(math.ceil(hi - lo))
+        own = self.own.get(si)
+        use_own = own is not None and rng.random() < 0.6
+        tscale = self.temperature * math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
+        probs, spans, tgt_spans = [], [], []
+        for i, g in keep:
+            lev = int(g[0])
+            top = g[1] - lo + rng.normal(0, 1.5)
+            bot = g[2] - lo + rng.normal(0, 1.5)
+            if bot - top < 2:
+                m = (top + bot) / 2
+                top, bot = m - 1, m + 1
+            i0, i1 = max(0, int(math.floor(top))), min(n_rows, int(math.ceil(bot)) + 1)
+            if i1 <= i0:
+                continue
+            tgt_spans.append((i0, i1, lev))
+            if rng.random() < self.drop_p:
+                continue
+            if use_own:
+                z = own[i]
+            else:
+                pool = self.pools.get(lev)
+                if pool is None or len(pool) == 0:
+                    continue
+                z = pool[int(rng.integers(len(pool)))]
+            z = z / tscale
+            p = np.exp(z - z.max())
+            probs.append(p / p.sum())
+            spans.append((i0, i1))
+        # fused sacral segments below S1 found by a detector: S1-like appearance, unsupervised
+        s1 = [g for _, g in keep if int(g[0]) == 0]
+        if s1 and rng.random() < self.sacral_p and self.pools.get(0) is not None:
+            bottom = s1[0][2] - lo
+            h = s1[0][2] - s1[0][1]
+            for _ in range(int(rng.integers(1, 4))):
+                h *= rng.uniform(0.65, 0.9)
+                top = bottom + rng.uniform(1.0, 4.0)
+                bottom = top + h
+                if bottom > n_rows - 1:
+                    break
+                z = self.pools[0][int(rng.integers(len(self.pools[0])))] / (tscale * rng.uniform(1.0, 2.5))
+                p = np.exp(z - z.max())
+                probs.append(p / p.sum())
+                spans.append((int(top), int(math.ceil(bottom)) + 1))
+        if rng.random() < self.fp_p and n_rows > 30:
+            c = rng.uniform(0, n_rows)
+            hh = rng.uniform(5, 15)
+            z = rng.normal(0, 2.0, 24)
+            p = np.exp(z - z.max())
+            probs.append(p / p.sum())
+            spans.append((max(0, int(c - hh)), min(n_rows, int(c + hh))))
+        if probs:
+            P = height_probability_map(np.stack(probs), spans, n_rows, self.pad)
+        else:
+            P = np.zeros((int(math.ceil(n_rows / self.pad) * self.pad), 24), np.float32)
+        tgt = np.full(P.shape[0], -100, np.int64)
+        for i0, i1, lev in tgt_spans:
+            tgt[i0:i1] = lev
+        return P, tgt
+
+
+def _collate(samples):
+    h = max(P.shape[0] for P, _ in samples)
+    x = torch.zeros(len(samples), 1, h, 24)
+    y = torch.full((len(samples), h), -100, dtype=torch.long)
+    for i, (P, t) in enumerate(samples):
+        x[i, 0, :P.shape[0]] = torch.from_numpy(P)
+        y[i, :len(t)] = torch.from_numpy(t)
+    return x, y
+
+
+def train_context(sampler: ContextSampler, *, steps: int, batch: int = 12, lr: float = 2e-3, seed: int = 0,
+                  cfg: ContextConfig | None = None, log=print, minutes: float | None = None):
+    cfg = cfg or ContextConfig()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 2])
+    net = build_context_net(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    t0 = time.time()
+    log(f"context: {len(sampler.scans)} geometries, {sum(p.numel() for p in net.parameters())} parameters")
+    run = []
+    for step in range(steps):
+        net.train()
+        samples = []
+        while len(samples) < batch:
+            s = sampler.sample(rng)
+            if s is not None:
+                samples.append(s)
+        x, y = _collate(samples)
+        out = net(x)[:, 0] / cfg.temperature  # (B, H, 24)
+        loss = F.cross_entropy(out.reshape(-1, 24), y.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            m = y >= 0
+            acc = float((out.argmax(-1)[m] == y[m]).float().mean()) if m.any() else float("nan")
+        run.append((float(loss.detach()), acc))
+        if step % 100 == 0 or step == steps - 1:
+            l_, a_ = np.mean(run, axis=0)
+            run = []
+            log(f"context step {step}/{steps} loss {l_:.3f} row acc {a_:.3f} ({time.time() - t0:.0f} s)")
+        if minutes is not None and time.time() - t0 > minutes * 60:
+            log(f"context: time limit at step {step}")
+            break
+    net.eval()
+    return net
+
+
+def heldout_logits(net, syn: list[dict]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], list[dict]]:
+    """Per-level pools and per-scan (mean over jitters) logits of the held-out synthetic scans."""
+    pools: dict[int, list] = {}
+    own: dict[int, np.ndarray] = {}
+    for si, it in enumerate(syn):
+        if not is_heldout_seed(int(it["seed"])) or len(it["labels"]) == 0:
+            continue
+        _, _, z = evaluate_appearance(net, it["crops"], it["feats"], it["labels"])
+        for lev, row in zip(it["labels"], z):
+            pools.setdefault(int(lev), []).append(row)
+        nb = len(it["geometry"])
+        acc = np.zeros((nb, 24))
+        cnt = np.zeros(nb)
+        # the first jitter of each body is the mildest; use it (closest to a good detection)
+        for b, row in zip(it["body"], z):
+            if cnt[b] == 0:
+                acc[b] = row
+            cnt[b] += 1
+        own[si] = acc
+    return {k: np.stack(v) for k, v in pools.items()}, own, syn
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="spinecohort train labeller", description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", choices=["prepare", "appearance", "context", "all"], default="all")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE))
+    p.add_argument("--n-synthetic", type=int, default=400)
+    p.add_argument("--k-jitter", type=int, default=3)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--appearance-out", default=str(DEFAULT_APPEARANCE))
+    p.add_argument("--context-out", default=str(DEFAULT_CONTEXT))
+    p.add_argument("--appearance-steps", type=int, default=4000)
+    p.add_argument("--context-steps", type=int, default=2000)
+    p.add_argument("--public-weight", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--minutes", type=float, default=None, help="per-network wall-clock limit")
+    p.add_argument("--public-lumbar", default=None)
+    p.add_argument("--detector", default="models/detector-cpu-v1.pt",
+                   help="detector used to find S1/T12 on public-lumbar training cases (skipped if absent)")
+    p.add_argument("--log", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    logf = open(args.log, "a") if args.log else None
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        if logf:
+            logf.write(line + "\n")
+            logf.flush()
+
+    cache = Path(args.cache)
+    acfg, ccfg = AppearanceConfig(), ContextConfig()
+    t_all = time.time()
+    if args.stage in ("prepare", "all"):
+        prepare_synthetic(cache, args.n_synthetic, args.k_jitter, args.workers, acfg, log)
+    detector = None
+    if args.detector and Path(args.detector).exists() and args.stage in ("appearance", "context", "all"):
+        from ..detect import Detector
+
+        detector = Detector.load(args.detector)
+        log(f"detector {args.detector} found: public-lumbar S1/T12 supervised from its detections")
+    pub_det: list[dict] = []
+    if args.stage in ("appearance", "all"):
+        syn = load_synthetic_cache(cache, args.n_synthetic, grid=acfg.grid)
+        pub, pub_val = [], []
+        try:
+            pub = public_lumbar_items("train", 6, acfg, args.seed, args.public_lumbar)
+            pub_val = public_lumbar_items("val", 1, acfg, args.seed, args.public_lumbar)
+            if detector is not None:
+                pub_det = public_lumbar_detector_items(detector, "train", 4, acfg, args.seed, args.public_lumbar, log)
+        except FileNotFoundError as e:
+            log(f"public-lumbar not available ({e}); synthetic only")
+        t0 = time.time()
+        net = train_appearance(syn, pub + pub_det, pub_val, steps=args.appearance_steps, seed=args.seed,
+                               public_weight=args.public_weight, cfg=acfg, log=log, minutes=args.minutes)
+        va = [it for it in syn if is_heldout_seed(int(it["seed"]))]
+        metrics = {}
+        if va:
+            a, a1, _ = evaluate_appearance(net, *_gather(va)[:3])
+            metrics["heldout_synthetic_top1"], metrics["heldout_synthetic_within1"] = a, a1
+        if pub_val:
+            a, a1, _ = evaluate_appearance(net, *_gather(pub_val)[:3])
+            metrics["public_lumbar_val_top1"], metrics["public_lumbar_val_within1"] = a, a1
+        meta = {"recipe": "spinecohort.training.labeller", "argv": list(argv if argv is not None else sys.argv[1:]),
+                "seed": args.seed, "n_synthetic": args.n_synthetic, "steps": args.appearance_steps,
+                "public_lumbar_detector_items": len(pub_det),
+                "train_seconds": round(time.time() - t0, 1), "metrics": metrics}
+        save_labeller_checkpoint(args.appearance_out, net, acfg, meta)
+        log(f"appearance saved to {args.appearance_out}: {json.dumps(metrics)}")
+    if args.stage in ("context", "all"):
+        from ..label import APPEARANCE_FORMAT, _load_net
+
+        syn = load_synthetic_cache(cache, args.n_synthetic, grid=acfg.grid)
+        net, _, _ = _load_net(args.appearance_out, APPEARANCE_FORMAT, AppearanceConfig, build_appearance_net)
+        pools, own, _ = heldout_logits(net, syn)
+        geos = list(syn)
+        try:  # public-lumbar training geometry (annotated bodies, + S1/T12 via the detector)
+            if detector is not None:
+                geos += pub_det or public_lumbar_detector_items(detector, "train", 1, acfg, args.seed,
+                                                                args.public_lumbar, log)
+            else:
+                geos += public_lumbar_items("train", 1, acfg, args.seed, args.public_lumbar)
+        except FileNotFoundError:
+            pass
+        sampler = ContextSampler(geos, pools, own, temperature=acfg.temperature, pad_multiple=ccfg.pad_multiple)
+        t0 = time.time()
+        cnet = train_context(sampler, steps=args.context_steps, seed=args.seed, cfg=ccfg, log=log,
+                             minutes=args.minutes)
+        meta = {"recipe": "spinecohort.training.labeller", "argv": list(argv if argv is not None else sys.argv[1:]),
+                "seed": args.seed, "steps": args.context_steps, "train_seconds": round(time.time() - t0, 1),
+                "beam": BeamConfig().__dict__}
+        save_labeller_checkpoint(args.context_out, cnet, ccfg, meta)
+        log(f"context saved to {args.context_out}")
+    log(f"done in {time.time() - t_all:.0f} s")
+    if logf:
+        logf.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
