@@ -119,7 +119,7 @@ class DetectStage(Stage):
         if family == "spinenet-official":
             from .nets.checkpoints import load_official_folder
 
-            loaded = load_official_folder(config["models"]["dir"])
+            loaded = load_official_folder(config["models"]["dir"], names=["detector"])
             self.detector = Detector.official(loaded.networks["detector"], device=self.device)
             self._models = {"spinenet-official/detector": loaded.models_sha256["detector"]}
         else:
@@ -151,7 +151,7 @@ class LabelStage(Stage):
         if config["models"]["family"] == "spinenet-official":
             from .nets.checkpoints import load_official_folder
 
-            loaded = load_official_folder(config["models"]["dir"])
+            loaded = load_official_folder(config["models"]["dir"], names=["appearance", "context"])
             self.labeller = Labeller.official(loaded.networks["appearance"], loaded.networks["context"], device=self.device)
             self._models = {f"spinenet-official/{k}": loaded.models_sha256[k] for k in ("appearance", "context")}
         else:
@@ -231,7 +231,7 @@ class GradeStage(Stage):
         if config["models"]["family"] == "spinenet-official":
             from .nets.checkpoints import load_official_folder
 
-            loaded = load_official_folder(config["models"]["dir"])
+            loaded = load_official_folder(config["models"]["dir"], names=["grading"])
             self.grader = Grader.official(loaded.networks["grading"], device=self.device)
             self.model_id = "spinenet-official/grading"
             self._models = {self.model_id: loaded.models_sha256["grading"]}
