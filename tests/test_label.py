@@ -12,7 +12,6 @@ from spinecohort.label import (
     AppearanceConfig,
     BeamConfig,
     CHAIN,
-    ContextConfig,
     Labeller,
     beam_search,
     extract_appearance_volume,

@@ -40,11 +40,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -54,7 +53,6 @@ from ..label import (
     AppearanceConfig,
     BeamConfig,
     ContextConfig,
-    VertebraGeometry,
     build_appearance_net,
     build_context_net,
     extract_appearance_volume,
