@@ -177,6 +177,18 @@ def _norm_polygons(polys: Mapping[Any, Any]) -> dict[int, np.ndarray]:
     return {int(k): np.asarray(v, float).reshape(4, 2) for k, v in polys.items()}
 
 
+def _centroid(v: Any, polygons: Mapping[int, np.ndarray]) -> np.ndarray:
+    """The vertebra's centroid, or (without one) the mean slice and mean corner of its outlines."""
+    c = _get(v, "centroid")
+    if c is not None:
+        c = np.asarray(c, float).reshape(-1)
+        if c.size == 3 and np.all(np.isfinite(c)):
+            return c
+    keys = sorted(polygons)
+    corners = np.concatenate([polygons[k] for k in keys])
+    return np.array([float(np.mean(keys)), *corners.mean(0)])
+
+
 def _slice_median(volume: np.ndarray, s: int, polys: list[np.ndarray]) -> float | None:
     vals = []
     img = volume[s]
@@ -207,8 +219,7 @@ def extract_ivv(volume: np.ndarray, pixel_spacing_mm: tuple[float, float] | floa
     pu, pl = _norm_polygons(_get(upper, "polygons")), _norm_polygons(_get(lower, "polygons"))
     if not pu or not pl:
         raise ValueError("both vertebrae need at least one polygon")
-    cu = np.asarray(_get(upper, "centroid"), float).reshape(3)
-    cl = np.asarray(_get(lower, "centroid"), float).reshape(3)
+    cu, cl = _centroid(upper, pu), _centroid(lower, pl)
     centre = (cu + cl) / 2.0
 
     # orientation from the upper body's inferior endplate (IA -> IP) on its mid slice

@@ -176,8 +176,12 @@ def test_cross_validate_smoke(tmp_path):
     assert oof.groupby(oof["scan_id"].str[1:].astype(int) // 2)["fold"].nunique().max() == 1
     folds = patient_folds(["a", "a", "b", "c"], 2, 0)
     assert folds[0] == folds[1]
-    # fine-tuning from saved weights runs
+    # fine-tuning from saved weights (phase A from them, then the heads), via the loader CV uses
+    from spinecohort.training.grader import _load_init, fit, load_ivv_arrays, make_targets
+
     save_grader(tmp_path / "init.pt", models[0].net)
-    oof2, _ = cross_validate(pd.DataFrame(rows), pd.DataFrame(labels), k=2, seed=0, config=cfg, tta=1,
-                             init_weights=tmp_path / "init.pt", log=lambda m: None)
-    assert len(oof2) == 8
+    X, keys = load_ivv_arrays(pd.DataFrame(rows))
+    targets = make_targets(keys, pd.DataFrame(labels))
+    net = fit(X[:4], [t[:4] for t in targets], cfg, init_state=_load_init(tmp_path / "init.pt"), log=lambda m: None)
+    assert not net.training
+    assert Grader(net).grade([X[0] / 255.0], tta=1)[0]["Pfirrmann"].shape == (5,)
