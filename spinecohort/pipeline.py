@@ -8,6 +8,7 @@ one-line reason and never stops the shard.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -20,7 +21,7 @@ import pandas as pd
 
 from . import ingest as ingest_mod
 from .manifest import read_manifest, shard_rows
-from .provenance import make_provenance, write_table
+from .provenance import make_provenance, read_provenance, write_table
 
 log = logging.getLogger("spinecohort")
 
@@ -261,6 +262,40 @@ DISC_COLUMNS = ["scan_id", "subject_id", "site", "level", "upper_vertebra_id", "
                 "centre_slice", "centre_row", "centre_col"]
 
 
+def empty_rows(kind: str) -> pd.DataFrame:
+    """A ``vertebrae`` or ``discs`` table with no rows but every column the stages write, typed as
+    a non-empty table is: a cohort where nothing was detected still gets the full schema."""
+    from .tasks import TASK_NAMES
+
+    if kind == "vertebrae":
+        dtypes = {"scan_id": "str", "subject_id": "str", "vertebra_id": "int64", "level": "str",
+                  "level_probability": "float64", "slice_min": "int64", "slice_max": "int64",
+                  **{f"centroid_{a}": "float64" for a in ("slice", "row", "col", "x_mm", "y_mm", "z_mm")},
+                  "polygons": "object", "detection_score": "float64"}
+    elif kind == "discs":
+        dtypes = {"scan_id": "str", "subject_id": "str", "site": "str", "level": "str",
+                  "upper_vertebra_id": "int64", "lower_vertebra_id": "int64",
+                  **{f"centre_{a}": "float64" for a in ("slice", "row", "col", "x_mm", "y_mm", "z_mm")},
+                  "angle_deg": "float64", "width_mm": "float64", "height_mm": "float64", "box_corners": "object"}
+        for task in TASK_NAMES:
+            dtypes.update({task: "int64", f"{task}_probs": "object"})
+        dtypes["model_id"] = "str"
+    else:
+        raise ValueError(f"unknown table {kind!r}")
+    return pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in dtypes.items()})
+
+
+def shard_models(outdir: str | Path, n_shards: int, stages: list[str]) -> dict[str, str]:
+    """Model id -> sha256 over every stage's shard outputs (what the cohort tables were made with)."""
+    models: dict[str, str] = {}
+    for shard in range(n_shards):
+        for stage in stages:
+            path = shard_dir(outdir, shard) / f"{stage}.status.parquet"
+            if path.exists():
+                models.update(json.loads(read_provenance(path).get("models", "{}")))
+    return models
+
+
 def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_shards: int,
                         models: Mapping[str, str] | None = None, created_by: str | None = None) -> dict[str, Path]:
     """Assemble ``tables/scans|vertebrae|discs.parquet`` from every shard's stage outputs."""
@@ -279,6 +314,8 @@ def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_
             rows["subject_id"] = rows["scan_id"].map(subject)
             if "site" in columns:
                 rows["site"] = rows["scan_id"].map(site)
+        if not len(rows):  # nothing detected / graded anywhere: the full, typed schema
+            rows = empty_rows(kind)
         for column in columns:
             if column not in rows.columns:
                 rows[column] = pd.Series(dtype=object)
@@ -286,6 +323,8 @@ def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_
         counts = frames[kind].groupby("scan_id").size() if len(frames[kind]) else pd.Series(dtype=int)
         scans[f"n_{kind}"] = [int(counts.get(s, 0)) if status == "ok" else np.nan
                               for s, status in zip(scans["scan_id"], scans["status"])]
+    if models is None:  # the contract's `models`: the weights the stages actually used
+        models = shard_models(outdir, n_shards, stages)
     provenance = make_provenance(config, models, created_by)
     paths = {}
     for kind, frame in [("scans", scans), *frames.items()]:

@@ -121,7 +121,7 @@ class DetectStage(Stage):
 
             loaded = load_official_folder(config["models"]["dir"], names=["detector"])
             self.detector = Detector.official(loaded.networks["detector"], device=self.device)
-            self._models = {"spinenet-official/detector": loaded.models_sha256["detector"]}
+            self._models = loaded.provenance()
         else:
             path = default_model("detector-cpu-v1.pt")
             self.detector = Detector.load(path, device=self.device)
@@ -153,7 +153,7 @@ class LabelStage(Stage):
 
             loaded = load_official_folder(config["models"]["dir"], names=["appearance", "context"])
             self.labeller = Labeller.official(loaded.networks["appearance"], loaded.networks["context"], device=self.device)
-            self._models = {f"spinenet-official/{k}": loaded.models_sha256[k] for k in ("appearance", "context")}
+            self._models = loaded.provenance()
         else:
             paths = [default_model("appearance-cpu-v1.pt"), default_model("context-cpu-v1.pt")]
             self.labeller = Labeller.load(*paths, device=self.device)
@@ -233,8 +233,8 @@ class GradeStage(Stage):
 
             loaded = load_official_folder(config["models"]["dir"], names=["grading"])
             self.grader = Grader.official(loaded.networks["grading"], device=self.device)
-            self.model_id = "spinenet-official/grading"
-            self._models = {self.model_id: loaded.models_sha256["grading"]}
+            self.model_id = loaded.model_ids["grading"]
+            self._models = loaded.provenance()
         else:
             path = default_model("grader-cpu-v1.pt")
             self.grader = Grader.load(path, device=self.device)

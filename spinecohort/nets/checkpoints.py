@@ -95,6 +95,8 @@ class OfficialModels(dict):
     the file loaded) and ``models_sha256`` (model_id -> hex sha256 of that file), for provenance.
     """
 
+    FAMILY = "spinenet-official"
+
     def __init__(self, models: dict[str, nn.Module], files: dict[str, Path], sha: dict[str, str]):
         super().__init__(models)
         self.files = dict(files)
@@ -104,6 +106,17 @@ class OfficialModels(dict):
     def networks(self) -> dict[str, nn.Module]:
         """``{model_id: nn.Module}`` as a plain dict (the object itself is that mapping too)."""
         return dict(self)
+
+    @property
+    def model_ids(self) -> dict[str, str]:
+        """``{name: "spinenet-official/<sub-folder>/<file>"}``, e.g. ``spinenet-official/detect-vfr/
+        ckpt435.pt``: the family and the file the selection rule chose, without the user's path."""
+        return {name: f"{self.FAMILY}/{path.parent.name}/{path.name}" for name, path in self.files.items()}
+
+    def provenance(self) -> dict[str, str]:
+        """``{model id: sha256}`` of the loaded files (the pipeline's ``models`` provenance)."""
+        ids = self.model_ids
+        return {ids[name]: self.models_sha256[name] for name in self.files}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
