@@ -20,8 +20,9 @@ cols front -> back, slices in any lateral order), the stage names every body S1,
 3. **Decoding.** A beam search (width 100) walks from the lowest (most caudal) body upwards and
    finds the most probable valid sequence (cost = sum of -log emission + transition penalties,
    :class:`BeamConfig`): labels strictly ascend (the same level twice has probability 0); a
-   skipped level (missed detection) costs ``skip_penalty`` per level, adjusted by the vertical gap
-   between the two bodies relative to their neighbours' spacing (``gap_weight``); transitional
+   skipped level (missed detection) costs ``skip_penalty`` per level plus a Gaussian
+   log-likelihood term on the vertical gap: ``gap_weight`` x (gap ratio - (skipped + 1))^2, the gap
+   ratio being the distance between the two bodies over their neighbours' spacing; transitional
    variants are extra states with their own penalties: a sixth lumbar vertebra ``L6`` (between S1
    and L5; emits like L5), a thirteenth thoracic ``T13`` (between L1 and T12; emits like T12),
    four lumbar vertebrae (L1 absent without a gap: ``four_lumbar_penalty``). A second S1 below S1
@@ -150,7 +151,7 @@ class BeamConfig:
     width: int = 100
     emission_floor: float = 1e-4          # -log floor: a contradicted body costs <= 9.2 nats
     skip_penalty: float = 2.0             # per skipped level (missed detection)
-    gap_weight: float = 4.0               # x |gap ratio - (skipped + 1)|; 0 disables geometry
+    gap_weight: float = 14.0              # x (gap ratio - (skipped + 1))^2; 0 disables geometry
     s2_penalty: float = 2.0               # second S1 below S1 -> S2
     sacral_penalty: float = 1.5           # each further sacral segment detected below S2 (S3-S5)
     c1_penalty: float = 4.0               # second C2 above C2 -> C1
@@ -425,8 +426,10 @@ def beam_search(emissions: np.ndarray, cfg: BeamConfig | None = None,
         trans = cfg.skip_penalty * mand
         alt = cfg.four_lumbar_penalty
         if ratio is not None and np.isfinite(ratio) and cfg.gap_weight > 0:
-            trans = trans + cfg.gap_weight * np.abs(ratio - (mand + 1.0))
-            alt = alt + cfg.gap_weight * abs(ratio - 1.0)
+            # quadratic (a Gaussian likelihood of the ratio): natural spacing jitter costs little,
+            # while claiming a missed body across an ordinary-sized gap costs a lot
+            trans = trans + cfg.gap_weight * (ratio - (mand + 1.0)) ** 2
+            alt = alt + cfg.gap_weight * (ratio - 1.0) ** 2
         if cfg.transitional:
             trans = np.where(four, np.minimum(trans, alt), trans)
         trans = np.where(upper, trans + enter[None, :], np.inf)
