@@ -17,12 +17,15 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "threads": 2,
     "demo": {"n_scans": 12, "seed": 0},
-    "models": {"family": "cpu-default", "dir": None},
+    "models": {"family": "cpu-default", "dir": None, "grader": None},
     "graded_discs": ["T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"],
     "tta": 4,
     "hotspots": "report",
     "agreement": {"bootstrap": 2000, "seed": 0},
     "qc": True,
+    # `snakemake train_grader`: patient-level k-fold CV of the grader on the labelled discs.
+    "grader_training": {"k": 5, "seed": 0, "init_weights": "shipped", "readers": None, "steps": None,
+                        "head_epochs": None, "batch_size": None, "final": True},
 }
 
 
@@ -89,6 +92,15 @@ def demo_paths(config: Mapping[str, Any]) -> dict[str, Path]:
 
 def manifest_path(config: Mapping[str, Any]) -> Path:
     return Path(config["manifest"]) if config.get("manifest") else demo_paths(config)["manifest"]
+
+
+def pipeline_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config the cohort's stages, tables and report see: without the training-only keys, so
+    that changing them neither re-runs those jobs (Snakemake compares rule params) nor changes
+    their outputs."""
+    from .provenance import TRAINING_KEYS
+
+    return {k: v for k, v in config.items() if k not in TRAINING_KEYS}
 
 
 def labels_path(config: Mapping[str, Any]) -> Path | None:

@@ -71,3 +71,37 @@ def agreement(smk: Any) -> None:
     with _job_logging(smk):
         run_agreement(smk.input.discs, smk.input.labels, smk.output.agreement, n_bootstrap=int(smk.params.bootstrap),
                       seed=int(smk.params.seed), created_by=_created_by(smk))
+
+
+# ----------------------------------------------------------------------------- train_grader target
+def grader_ivv_table(smk: Any) -> None:
+    from .training.grader import write_ivv_table
+
+    with _job_logging(smk):
+        write_ivv_table(smk.params.outdir, smk.input.manifest, int(smk.params.n_shards), smk.input.labels,
+                        smk.output.table, smk.output.missing, readers=smk.params.readers, created_by=_created_by(smk))
+
+
+def grader_cv(smk: Any) -> None:
+    from .training.grader import run_cv
+
+    config = {**smk.params.config, "threads": int(smk.threads)}
+    with _job_logging(smk):
+        run_cv(config, smk.input.ivv_table, smk.input.labels, smk.output.oof, smk.output.folds,
+               created_by=_created_by(smk))
+
+
+def grader_final(smk: Any) -> None:
+    from .training.grader import run_final
+
+    config = {**smk.params.config, "threads": int(smk.threads)}
+    with _job_logging(smk):
+        run_final(config, smk.input.ivv_table, smk.input.labels, smk.output.weights, created_by=_created_by(smk))
+
+
+def grader_card(smk: Any) -> None:
+    from .training.grader import write_cv_model_card
+
+    with _job_logging(smk):
+        write_cv_model_card(smk.params.config, smk.input.weights, smk.input.ivv_table, smk.input.missing,
+                            smk.input.oof, smk.input.agreement, smk.output.json, smk.output.md)

@@ -30,11 +30,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 # Execution-only keys: where and how fast a run happens does not change its results.
 EXECUTION_KEYS = ("outdir", "threads", "shard_size")
+# Keys only `snakemake train_grader` reads: they change none of the cohort's tables, so they are
+# not part of config_sha256 (the training outputs record them in their own metadata).
+TRAINING_KEYS = ("grader_training",)
 
 
 def config_sha256(config: Mapping[str, Any]) -> str:
     """Hash of the scientific config as canonical JSON (key order and formatting do not matter)."""
-    science = {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
+    science = {k: v for k, v in config.items() if k not in EXECUTION_KEYS + TRAINING_KEYS}
     canonical = json.dumps(science, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

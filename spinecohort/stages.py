@@ -236,9 +236,14 @@ class GradeStage(Stage):
             self.model_id = loaded.model_ids["grading"]
             self._models = loaded.provenance()
         else:
-            path = default_model("grader-cpu-v1.pt")
+            custom = config["models"].get("grader")
+            path = Path(custom) if custom else default_model("grader-cpu-v1.pt")
+            if not path.is_file():
+                raise FileNotFoundError(f"models.grader: grader checkpoint not found: {path}")
             self.grader = Grader.load(path, device=self.device)
-            self.model_id = path.stem
+            # a team's own grader (e.g. `snakemake train_grader`'s grader.pt) is named apart
+            # from the shipped synthetic-trained default; its sha256 pins the exact file
+            self.model_id = f"custom/{path.name}" if custom else path.stem
             self._models = {self.model_id: sha256_file(path)}
         self._examples_left = self.REPORT_EXAMPLES_PER_SHARD
 

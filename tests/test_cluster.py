@@ -25,8 +25,11 @@ from spinecohort.pipeline import stage_order
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 GPU_RULES = {"detect", "label", "grade"}
+# `snakemake train_grader` (workflow/rules/train.smk); its two training rules are GPU rules too.
+TRAIN_RULES = {"grader_ivv_table", "grader_cv", "grader_cv_agreement", "grader_final", "grader_card"}
+TRAIN_GPU_RULES = {"grader_cv", "grader_final"}
 ALL_RULES = {"demo_cohort", "ingest", "detect", "label", "extract_discs", "grade", "qc", "cohort_tables",
-             "agreement", "report"}
+             "agreement", "report"} | TRAIN_RULES
 
 FAKE_SLURM = r'''#!PYTHON
 """Stand-in for SLURM's client commands: sbatch records its arguments and "runs" the job by putting
@@ -125,11 +128,12 @@ def test_profiles_name_only_real_rules_and_gpus_only_in_gpu_profile():
         profile = yaml.safe_load((REPO / "profiles" / name / "config.yaml").read_text())
         assert profile["executor"] == "slurm" and profile["retries"] >= 1
         assert set(profile["set-resources"]) <= ALL_RULES and set(profile["set-threads"]) <= ALL_RULES
+        assert TRAIN_RULES <= set(profile["set-resources"]) and TRAIN_RULES <= set(profile["set-threads"]), name
         assert "attempt" in str(profile["default-resources"]["mem_mb"])
         for rule, resources in profile["set-resources"].items():
             assert "attempt" in str(resources["mem_mb"]), rule
             wants_gpu = {"gpu", "gres", "gpus"} & set(resources)
-            assert bool(wants_gpu) == (name == "slurm-gpu" and rule in GPU_RULES), (name, rule)
+            assert bool(wants_gpu) == (name == "slurm-gpu" and rule in GPU_RULES | TRAIN_GPU_RULES), (name, rule)
     # The workflow profile is applied to cluster runs too and wins per key: keep it executor-neutral.
     default = yaml.safe_load((REPO / "profiles" / "default" / "config.yaml").read_text())
     assert not {"cores", "jobs", "executor", "default-resources", "set-resources", "set-threads", "config",

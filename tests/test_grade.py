@@ -185,3 +185,19 @@ def test_cross_validate_smoke(tmp_path):
     net = fit(X[:4], [t[:4] for t in targets], cfg, init_state=_load_init(tmp_path / "init.pt"), log=lambda m: None)
     assert not net.training
     assert Grader(net).grade([X[0] / 255.0], tta=1)[0]["Pfirrmann"].shape == (5,)
+
+
+def test_grade_stage_uses_a_team_grader_from_the_config(grader, tmp_path):
+    from spinecohort.config import resolve_config
+    from spinecohort.provenance import sha256_file
+    from spinecohort.stages import GradeStage
+
+    custom = tmp_path / "grader.pt"
+    save_grader(custom, grader.net)
+    stage = GradeStage(resolve_config({"outdir": str(tmp_path / "out"), "models": {"grader": str(custom)}}))
+    assert stage.model_id == "custom/grader.pt"
+    assert stage.models() == {"custom/grader.pt": sha256_file(custom)}
+    shipped = GradeStage(resolve_config({"outdir": str(tmp_path / "out")}))
+    assert shipped.model_id == "grader-cpu-v1"
+    with pytest.raises(FileNotFoundError, match="models.grader"):
+        GradeStage(resolve_config({"outdir": str(tmp_path / "out"), "models": {"grader": str(tmp_path / "none.pt")}}))

@@ -38,6 +38,12 @@ on a team's data; returns out-of-fold predictions in the discs-table format (``s
 <Task>, <Task>_probs``, plus ``subject_id``, ``fold``) that go straight into
 :func:`spinecohort.stats.compute_agreement`, and the fold models.
 
+``snakemake --cores N train_grader`` (workflow/rules/train.smk): the same on the pipeline's own
+disc volumes, one rule per step: :func:`write_ivv_table` (the labelled discs the extract_discs
+stage wrote), :func:`run_cv` (out-of-fold predictions in the discs-table layout, then the
+agreement stage's code), :func:`run_final` and :func:`write_cv_model_card`; settings from the
+config's ``grader_training`` keys, outputs under ``<outdir>/grader_cv/``.
+
 ``main(argv)``: ``spinecohort train grader --ivv-table T --labels L --out DIR [--k 5 --seed S
 --init-weights W --steps N --final]`` or ``--synthetic --out models/grader-cpu-v1.pt``.
 
@@ -58,7 +64,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -80,6 +86,14 @@ __all__ = [
     "train_synthetic",
     "evaluate_against_readers",
     "write_model_card",
+    "init_weights_path",
+    "train_config",
+    "labelled_discs",
+    "build_ivv_table",
+    "write_ivv_table",
+    "run_cv",
+    "run_final",
+    "write_cv_model_card",
     "main",
 ]
 
@@ -127,7 +141,9 @@ def _read_any(obj: pd.DataFrame | str | Path) -> pd.DataFrame:
     p = Path(obj)
     if p.suffix.lower() in (".parquet", ".pq"):
         return pd.read_parquet(p)
-    return pd.read_csv(p, sep="\t" if p.suffix.lower() == ".tsv" else ",")
+    # identifiers stay text ("007" is not 7), as the manifest reader and the agreement stage read them
+    keys = {c: str for c in ("scan_id", "subject_id", "level", "reader", "site", "path")}
+    return pd.read_csv(p, sep="\t" if p.suffix.lower() == ".tsv" else ",", dtype=keys)
 
 
 def load_ivv_arrays(ivv_table: pd.DataFrame | str | Path) -> tuple[np.ndarray, pd.DataFrame]:
@@ -307,13 +323,14 @@ def _to_float(xb: np.ndarray) -> "torch.Tensor":
     return torch.from_numpy(xb).float().mul_(1.0 / 255.0)
 
 
-def predict_probs(net, X: np.ndarray, tta: int = 4, batch_size: int = 32) -> list[np.ndarray]:
-    """Per task (N, k) TTA-averaged probabilities of a :class:`GraderCPU` on uint8 or float IVVs."""
+def predict_probs(net, X: np.ndarray, tta: int = 4, batch_size: int = 32, device: str = "cpu") -> list[np.ndarray]:
+    """Per task (N, k) TTA-averaged probabilities of a :class:`GraderCPU` on uint8 or float IVVs
+    (the network is moved to ``device``)."""
     import torch
 
     from ..grade import Grader
 
-    g = Grader(net, "cpu")
+    g = Grader(net, "cpu", device)
     out = [np.zeros((len(X), t.n_classes), np.float32) for t in TASKS]
     chunk = max(1, 256)
     for start in range(0, len(X), chunk):
@@ -340,9 +357,12 @@ def balanced_accuracy_simple(probs: Sequence[np.ndarray], targets: Sequence[np.n
 
 def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None = None,
         init_state: dict | None = None, log: Callable[[str], None] = print,
-        val: tuple[np.ndarray, Sequence[np.ndarray]] | None = None):
+        val: tuple[np.ndarray, Sequence[np.ndarray]] | None = None, device: str = "cpu"):
     """Train a :class:`GraderCPU` on uint8 IVVs ``X`` (N, 9, 112, 224) and soft ``targets``;
-    returns the network (eval mode) after phases A and B."""
+    returns the network (eval mode, on ``device``) after phases A and B.
+
+    ``device`` (e.g. ``"cuda"``) runs the network there; batches are drawn and augmented on the
+    CPU with the same seeded generators, so the sequence of batches does not depend on it."""
     import torch
 
     from ..nets.grader_cpu import GraderCPU
@@ -355,12 +375,14 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
     finetune = init_state is not None
     if finetune:
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init_state.items()})
+    dev = torch.device(device)
+    net.to(dev)
     tg_all = [torch.from_numpy(t) for t in targets]
     n = len(X)
     t0 = time.time()
 
     # ---- phase A: whole network
-    wa = [torch.from_numpy(w) for w in class_weights(targets, cfg.balance_power_backbone)]
+    wa = [torch.from_numpy(w).to(dev) for w in class_weights(targets, cfg.balance_power_backbone)]
     lr = cfg.lr * (cfg.finetune_lr_factor if finetune else 1.0)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.steps * cfg.warmup_frac))
@@ -380,7 +402,7 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
         idx = next(batches)
         xb, tb = augment_batch(_to_float(X[idx]), [t[idx] for t in tg_all], gen, cfg.aug_strength,
                                cfg.slice_jitter_p, cfg.affine_p, cfg.noise_p)
-        loss = _loss(net(xb[:, None]), tb, wa)
+        loss = _loss(net(xb[:, None].to(dev)), [t.to(dev) for t in tb], wa)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -391,7 +413,7 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
             run_loss = 0.0
         if val is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             net.eval()
-            ba = balanced_accuracy_simple(predict_probs(net, val[0], tta=1), val[1])
+            ba = balanced_accuracy_simple(predict_probs(net, val[0], tta=1, device=device), val[1])
             log("  val BA (tta 1): " + " ".join(f"{k[:8]}={v:.3f}" for k, v in ba.items()))
             net.train()
 
@@ -407,12 +429,12 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
                 if view > 0:
                     xb, tb = augment_batch(xb, tb, gen, 0.7 * cfg.aug_strength, cfg.slice_jitter_p,
                                                cfg.affine_p, cfg.noise_p)
-                feats.append(net.features(xb[:, None]))
-                ftg.append(tb)
+                feats.append(net.features(xb[:, None].to(dev)))
+                ftg.append([t.to(dev) for t in tb])
     F_all = torch.cat(feats)
     T_all = [torch.cat([b[k] for b in ftg]) for k in range(len(TASKS))]
     log(f"B features {tuple(F_all.shape)} {time.time() - t0:.0f} s")
-    wb = [torch.from_numpy(w) for w in class_weights(targets, cfg.balance_power_heads)]
+    wb = [torch.from_numpy(w).to(dev) for w in class_weights(targets, cfg.balance_power_heads)]
     for p in net.backbone_parameters():
         p.requires_grad_(False)
     head_params = [p for h in net.heads for p in h.parameters()]
@@ -424,7 +446,7 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
     for ep in range(cfg.head_epochs):
         for h in net.heads:
             h.train()
-        perm = torch.from_numpy(rng.permutation(nf))
+        perm = torch.from_numpy(rng.permutation(nf)).to(dev)
         run = 0.0
         for b in range(per_epoch):
             sel = perm[b * cfg.head_batch:(b + 1) * cfg.head_batch]
@@ -443,7 +465,7 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
     net.eval()
     log(f"trained in {time.time() - t0:.0f} s")
     if val is not None:
-        ba = balanced_accuracy_simple(predict_probs(net, val[0], tta=cfg.tta_eval), val[1])
+        ba = balanced_accuracy_simple(predict_probs(net, val[0], tta=cfg.tta_eval, device=device), val[1])
         log("  val BA: " + " ".join(f"{k[:8]}={v:.3f}" for k, v in ba.items()))
     return net
 
@@ -482,10 +504,12 @@ def _arch_of(init_weights, default: dict) -> dict:
 
 def cross_validate(ivv_table: pd.DataFrame | str | Path, labels: pd.DataFrame | str | Path, k: int = 5,
                    seed: int = 0, init_weights=None, config: TrainConfig | None = None,
-                   tta: int = 4, log: Callable[[str], None] = print, readers: Sequence[str] | None = None):
+                   tta: int = 4, log: Callable[[str], None] = print, readers: Sequence[str] | None = None,
+                   device: str = "cpu"):
     """Patient-level k-fold CV. Returns ``(oof, fold_models)``: ``oof`` has one row per IVV with
     ``scan_id, subject_id, level, fold, <Task>, <Task>_probs`` (grades on the contract scale;
-    IVVs without any label are still predicted), ``fold_models`` the k :class:`Grader` objects."""
+    IVVs without any label are still predicted), ``fold_models`` the k :class:`Grader` objects
+    (on the CPU). Raises ``ValueError`` when fewer than ``k`` subjects have a labelled disc."""
     from ..grade import Grader, grades_frame
 
     cfg = config or TrainConfig(seed=seed)
@@ -494,15 +518,21 @@ def cross_validate(ivv_table: pd.DataFrame | str | Path, labels: pd.DataFrame | 
         cfg.arch = _arch_of(init_weights, cfg.arch)
     X, keys = load_ivv_arrays(ivv_table)
     targets = make_targets(keys, labels, readers)
+    if k < 2:
+        raise ValueError(f"k = {k}: cross-validation needs at least 2 folds")
     folds = patient_folds(keys["subject_id"], k, seed)
-    labelled = np.any(np.stack([t.sum(1) > 0 for t in targets], 1), axis=1)
+    labelled = np.any(np.stack([t.sum(1) > 0 for t in targets], 1), axis=1) if len(keys) else np.zeros(0, bool)
+    n_subjects = keys.loc[labelled, "subject_id"].nunique()
+    if n_subjects < k:
+        raise ValueError(f"{k}-fold cross-validation needs at least {k} subjects with a labelled disc volume; "
+                         f"there are {n_subjects} ({int(labelled.sum())} labelled discs)")
     frames, models = [], []
     for f in range(k):
         tr = np.flatnonzero((folds != f) & labelled)
         te = np.flatnonzero(folds == f)
         log(f"fold {f + 1}/{k}: train {len(tr)} discs, predict {len(te)}")
-        net = fit(X[tr], [t[tr] for t in targets], cfg, init_state=init_state, log=log)
-        probs = predict_probs(net, X[te], tta=tta)
+        net = fit(X[tr], [t[tr] for t in targets], cfg, init_state=init_state, log=log, device=device)
+        probs = predict_probs(net, X[te], tta=tta, device=device)
         rows = keys.iloc[te].to_dict("records")
         for r in rows:
             r["fold"] = f
@@ -778,6 +808,341 @@ def train_synthetic(out: str | Path = DEFAULT_OUT, data_dir: str | Path = DEFAUL
     log("\n" + _table_markdown(table))
     log(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB, sha256 {summary['sha256']})")
     return summary
+
+
+# ----------------------------------------------------------------------------- Snakemake target
+# `snakemake --cores N train_grader` (workflow/rules/train.smk): the cohort's own stages up to
+# disc extraction, then the functions below, one rule each. Outputs go to <outdir>/grader_cv/.
+CV_DIR = "grader_cv"
+IVV_STAGE = "extract_discs"  # the stage whose rows and IVV files (work/ivv/<scan_id>.npz) are used
+SHIPPED_INIT = "grader-cpu-v1.pt"
+IVV_TABLE_COLUMNS = ["scan_id", "subject_id", "site", "level", "path", "upper_vertebra_id", "lower_vertebra_id",
+                     "centre_slice", "centre_row", "centre_col"]
+
+
+def init_weights_path(value: str | None) -> Path | None:
+    """``grader_training: init_weights``: ``shipped`` -> the checkout's ``models/grader-cpu-v1.pt``,
+    ``scratch`` (or None) -> None (random initialisation), anything else -> that path."""
+    if value is None or value == "scratch":
+        return None
+    if value == "shipped":
+        from ..stages import MODELS_DIR
+
+        return MODELS_DIR / SHIPPED_INIT
+    return Path(value)
+
+
+def train_config(config: Mapping[str, Any]) -> TrainConfig:
+    """The recipe (:class:`TrainConfig`) with the pipeline config's ``grader_training`` settings;
+    out-of-fold predictions use the pipeline's ``tta``, as the grade stage does."""
+    settings = config["grader_training"]
+    cfg = TrainConfig(seed=int(settings["seed"]), tta_eval=int(config["tta"]))
+    for key in ("steps", "head_epochs", "batch_size"):
+        if settings.get(key) is not None:
+            setattr(cfg, key, int(settings[key]))
+    return cfg
+
+
+def labelled_discs(labels: pd.DataFrame | str | Path, readers: Sequence[str] | None = None) -> pd.DataFrame:
+    """``scan_id, level`` of every disc with at least one valid grade (of ``readers``' reads)."""
+    lab = _read_any(labels)
+    missing = [c for c in ("scan_id", "level") if c not in lab]
+    if missing:
+        raise ValueError(f"labels: missing column(s) {', '.join(missing)}")
+    keys = (lab.assign(scan_id=lab["scan_id"].astype(str), level=lab["level"].astype(str).str.strip())
+            [["scan_id", "level"]].drop_duplicates().reset_index(drop=True))
+    targets = make_targets(keys, lab, readers)
+    graded = np.any(np.stack([t.sum(1) > 0 for t in targets], 1), axis=1) if len(keys) else np.zeros(0, bool)
+    return keys[graded].reset_index(drop=True)
+
+
+def build_ivv_table(outdir: str | Path, manifest_file: str | Path, n_shards: int,
+                    labels: pd.DataFrame | str | Path,
+                    readers: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The labelled discs the pipeline extracted, from its own outputs: ``(table, missing)``.
+
+    ``table``: one row per disc, :data:`IVV_TABLE_COLUMNS` (``path`` = the scan's IVV file written
+    by the extract_discs stage; the other columns from the manifest and that stage's rows), in
+    manifest order. ``missing``: ``scan_id, level, reason`` of labelled discs without an IVV (scan
+    not in the manifest, scan failed, or the disc was not found or not labelled at that level)."""
+    from ..manifest import read_manifest
+    from ..pipeline import collect_rows
+    from ..stages import ivv_path
+
+    outdir = Path(outdir)
+    manifest = read_manifest(manifest_file)
+    rows = collect_rows(outdir, n_shards, IVV_STAGE)
+    if not len(rows):
+        rows = pd.DataFrame(columns=["scan_id", "level"])
+    rows = rows.assign(scan_id=rows["scan_id"].astype(str), level=rows["level"].astype(str))
+    wanted = labelled_discs(labels, readers)
+    table = rows.merge(wanted, on=["scan_id", "level"], how="inner")
+    info = manifest.set_index("scan_id")
+    table["subject_id"] = table["scan_id"].map(info["subject_id"])
+    table["site"] = table["scan_id"].map(info["site"])
+    table["path"] = [str(ivv_path(outdir / "work", s).resolve()) for s in table["scan_id"]]
+    for column in IVV_TABLE_COLUMNS:
+        if column not in table:
+            table[column] = pd.Series(dtype=object)
+    table = table[IVV_TABLE_COLUMNS].reset_index(drop=True)
+
+    found = set(zip(table["scan_id"], table["level"]))
+    extracted_scans = set(rows["scan_id"])
+    reasons = []
+    for scan_id, level in zip(wanted["scan_id"], wanted["level"]):
+        if (scan_id, level) in found:
+            continue
+        if scan_id not in info.index:
+            reasons.append((scan_id, level, "scan not in the manifest"))
+        elif scan_id not in extracted_scans:
+            reasons.append((scan_id, level, "no disc extracted from this scan (failed or nothing found)"))
+        else:
+            reasons.append((scan_id, level, "disc not found at this level by the pipeline"))
+    missing = pd.DataFrame(reasons, columns=["scan_id", "level", "reason"])
+    return table, missing
+
+
+def _training_provenance(config: Mapping[str, Any], models: Mapping[str, str] | None, created_by: str | None,
+                         **extra: Any) -> dict[str, str]:
+    from ..provenance import make_provenance
+
+    prov = make_provenance(config, models, created_by)
+    prov["grader_training"] = json.dumps(config["grader_training"], sort_keys=True)
+    prov.update({k: json.dumps(v, sort_keys=True, default=str) for k, v in extra.items()})
+    return prov
+
+
+def _init_record(init: Path | None) -> dict[str, Any] | None:
+    from ..provenance import sha256_file
+
+    return None if init is None else {"id": init.stem, "path": str(init), "sha256": sha256_file(init)}
+
+
+def write_ivv_table(outdir: str | Path, manifest_file: str | Path, n_shards: int, labels: str | Path,
+                    out: str | Path, missing_out: str | Path | None = None, readers: Sequence[str] | None = None,
+                    created_by: str | None = None, log: Callable[[str], None] = log_.info) -> Path:
+    """Rule ``grader_ivv_table``: :func:`build_ivv_table` -> ``out`` (Parquet); the labelled discs
+    without an IVV are logged and written to ``missing_out`` (CSV; default ``missing_discs.csv``
+    beside ``out``)."""
+    from ..provenance import atomic_write_bytes, make_provenance, write_table
+
+    table, missing = build_ivv_table(outdir, manifest_file, n_shards, labels, readers)
+    out = Path(out)
+    if not len(table):
+        raise ValueError(f"no labelled disc of {labels} was extracted by the pipeline ({len(missing)} labelled "
+                         "discs; check that the labels' scan_id and level match the manifest and the disc names)")
+    log(f"{len(table)} labelled discs with an IVV ({table['scan_id'].nunique()} scans, "
+        f"{table['subject_id'].nunique()} subjects); {len(missing)} labelled discs without one")
+    for reason, count in missing.groupby("reason").size().items():
+        log(f"  without an IVV: {count} ({reason})")
+    write_table(table, out, make_provenance(None, None, created_by))
+    atomic_write_bytes(missing_out or out.with_name("missing_discs.csv"), missing.to_csv(index=False).encode())
+    return out
+
+
+def run_cv(config: Mapping[str, Any], ivv_table: str | Path, labels: str | Path, oof_out: str | Path,
+           fold_dir: str | Path, created_by: str | None = None,
+           log: Callable[[str], None] = log_.info) -> Path:
+    """Rule ``grader_cv``: :func:`cross_validate` with the config's ``grader_training`` settings;
+    writes the fold models (``fold_dir/grader-fold<i>.pt``) and the out-of-fold predictions in the
+    discs-table layout
+    (``tables/discs.parquet`` columns, ``model_id`` = the fold model, plus ``fold``), ready for
+    the agreement stage."""
+    from ..grade import save_grader
+    from ..pipeline import DISC_COLUMNS
+    from ..provenance import sha256_file, write_table
+    from ..stages import torch_device
+
+    settings = config["grader_training"]
+    device = torch_device(config)
+    init = init_weights_path(settings["init_weights"])
+    cfg = train_config(config)
+    table = _read_any(ivv_table)
+    k = int(settings["k"])
+    log(f"{k}-fold patient-level CV on {len(table)} discs, init {init or 'scratch'}, device {device}, "
+        f"{cfg.steps} steps, {cfg.head_epochs} head epochs")
+    t0 = time.time()
+    oof, models = cross_validate(table, labels, k=k, seed=int(settings["seed"]), init_weights=init, config=cfg,
+                                 tta=int(config["tta"]), log=log, readers=settings.get("readers"), device=device)
+    fold_paths = [Path(fold_dir) / f"grader-fold{f}.pt" for f in range(len(models))]
+    shas = {}
+    for f, (grader, path) in enumerate(zip(models, fold_paths)):
+        meta = {"model": Path(path).stem, "fold": f, "k": k, "seed": int(settings["seed"]),
+                "init_weights": _init_record(init), "config": asdict(cfg), "created_by": created_by}
+        save_grader(path, grader.net, meta)
+        shas[Path(path).stem] = sha256_file(path)
+    extra = [c for c in DISC_COLUMNS if c not in oof.columns]  # site, vertebra ids, centre: from the IVV table
+    oof = oof.merge(table[["scan_id", "level", *extra]].astype({"scan_id": str, "level": str}),
+                    on=["scan_id", "level"], how="left")
+    oof["model_id"] = [Path(fold_paths[f]).stem for f in oof["fold"]]
+    tasks = [c for t in TASKS for c in (t.name, f"{t.name}_probs")]
+    oof = oof[DISC_COLUMNS + tasks + ["model_id", "fold"]]
+    write_table(oof, oof_out, _training_provenance(config, shas, created_by, init_weights=_init_record(init),
+                                                   train_seconds=round(time.time() - t0, 1)))
+    log(f"wrote {oof_out} ({len(oof)} out-of-fold predictions, {time.time() - t0:.0f} s)")
+    return Path(oof_out)
+
+
+def run_final(config: Mapping[str, Any], ivv_table: str | Path, labels: str | Path, out: str | Path,
+              created_by: str | None = None, log: Callable[[str], None] = log_.info) -> Path:
+    """Rule ``grader_final``: one model trained on every labelled disc of ``ivv_table`` with the
+    same recipe and starting point as the fold models; a ``torch.load(weights_only=True)``
+    checkpoint for :meth:`spinecohort.grade.Grader.load`."""
+    import torch
+
+    from .. import __version__
+    from ..grade import save_grader
+    from ..stages import torch_device
+
+    settings = config["grader_training"]
+    device = torch_device(config)
+    init = init_weights_path(settings["init_weights"])
+    cfg = train_config(config)
+    if init is not None:
+        cfg.arch = _arch_of(init, cfg.arch)
+    table = _read_any(ivv_table)
+    X, keys = load_ivv_arrays(table)
+    targets = make_targets(keys, labels, settings.get("readers"))
+    keep = np.any(np.stack([t.sum(1) > 0 for t in targets], 1), axis=1)
+    log(f"final model on {int(keep.sum())} labelled discs, init {init or 'scratch'}, device {device}")
+    t0 = time.time()
+    net = fit(X[keep], [t[keep] for t in targets], cfg, init_state=_load_init(init), log=log, device=device)
+    seconds = time.time() - t0
+    kept = keys[keep]
+    readers = settings.get("readers")
+    meta = {
+        "model": Path(out).stem, "pipeline_version": __version__,
+        "trained_on": {"ivv_table": str(ivv_table), "labels": str(labels), "n_discs": int(keep.sum()),
+                       "n_scans": int(kept["scan_id"].nunique()), "n_subjects": int(kept["subject_id"].nunique()),
+                       "readers": list(readers) if readers else "all"},
+        "init_weights": _init_record(init), "config": asdict(cfg), "grader_training": dict(settings),
+        "train_seconds": round(seconds, 1), "device": device, "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(), "created_by": created_by,
+    }
+    save_grader(out, net, meta)
+    log(f"wrote {out} ({seconds:.0f} s)")
+    return Path(out)
+
+
+def write_cv_model_card(config: Mapping[str, Any], weights: str | Path, ivv_table: str | Path, missing: str | Path,
+                        oof: str | Path, agreement: str | Path, json_out: str | Path, md_out: str | Path) -> Path:
+    """Rule ``grader_card``: ``grader.json`` (everything below, machine-readable) and ``grader.md``
+    (the model card) beside the final model: data, recipe, starting weights, and the
+    cross-validated agreement of the fold models' out-of-fold predictions with each reader (the
+    estimate of how the final model grades scans it has not seen), beside reader-vs-reader
+    agreement where the labels have several readers."""
+    import torch
+
+    from ..provenance import atomic_write_bytes, sha256_file
+
+    weights = Path(weights)
+    payload = torch.load(weights, map_location="cpu", weights_only=True)
+    meta = dict(payload.get("meta") or {})
+    table = _read_any(ivv_table)
+    missing = pd.read_csv(missing, dtype=str)
+    predictions = pd.read_parquet(oof)
+    agr = pd.read_parquet(agreement)
+    pooled = agr[(agr["level"] == "all") & (agr["site"] == "all") & (agr["metric"] == "balanced_accuracy")
+                 & agr["ci_method"].isin(["bootstrap_percentile", "none"])]
+    comparisons = sorted(pooled["comparison"].unique(), key=lambda c: (not c.startswith("model_vs_"), c))
+    evaluation = []
+    for task in [t.name for t in TASKS if t.name in set(pooled["task"])]:
+        row: dict[str, Any] = {"task": task}
+        for comp in comparisons:
+            hit = pooled[(pooled["task"] == task) & (pooled["comparison"] == comp)]
+            if len(hit):
+                r = hit.iloc[0]
+                row[comp] = {k: (None if pd.isna(r[k]) else float(r[k])) for k in ("estimate", "ci_low", "ci_high")}
+                row[comp]["n_discs"] = int(r["n_discs"])
+        evaluation.append(row)
+    settings = config["grader_training"]
+    summary = {
+        "model": weights.stem, "path": str(weights), "sha256": sha256_file(weights), "bytes": weights.stat().st_size,
+        "loader": "spinecohort.grade.Grader.load(path)", "meta": meta,
+        "data": {"n_labelled_discs_with_ivv": int(len(table)), "n_scans": int(table["scan_id"].nunique()),
+                 "n_subjects": int(table["subject_id"].nunique()),
+                 "n_labelled_discs_without_ivv": int(len(missing)),
+                 "without_ivv_by_reason": {str(k): int(v) for k, v in missing.groupby("reason").size().items()}
+                 if len(missing) else {}},
+        "cross_validation": {"k": int(settings["k"]), "seed": int(settings["seed"]), "tta": int(config["tta"]),
+                             "n_predictions": int(len(predictions)),
+                             "folds": {str(f): int(n) for f, n in predictions.groupby("fold").size().items()},
+                             "metric": "balanced_accuracy (pooled over levels and sites)",
+                             "bootstrap": int(config["agreement"]["bootstrap"]),
+                             "evaluation": evaluation},
+    }
+    atomic_write_bytes(json_out, json.dumps(summary, indent=1, default=str).encode())
+
+    cfg = meta.get("config") or {}
+    init = meta.get("init_weights")
+    started = "random initialisation" if not init else "`{}` (sha256 `{}...`)".format(init["id"], init["sha256"][:16])
+    header = "| task | " + " | ".join(f"{c} (95% CI)" for c in comparisons) + " |"
+    lines_eval = [header, "|---|" + "---|" * len(comparisons)]
+    for row in evaluation:
+        cells = []
+        for comp in comparisons:
+            v = row.get(comp)
+            if v is None or v["estimate"] is None:
+                cells.append("" if v is None else f"n/a, n={v['n_discs']}")
+                continue
+            ci = "no CI" if v["ci_low"] is None else f"{v['ci_low']:.3f}-{v['ci_high']:.3f}"
+            cells.append(f"{v['estimate']:.3f} ({ci}), n={v['n_discs']}")
+        lines_eval.append(f"| {row['task']} | " + " | ".join(cells) + " |")
+    lines = [
+        f"# {weights.stem}: disc grader trained on this cohort's labels",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| file | `{weights.name}` ({summary['bytes'] / 1e6:.2f} MB, fp16 weights) |",
+        f"| sha256 | `{summary['sha256']}` |",
+        "| format | `torch.load(weights_only=True)` dict: `format=spinecohort-grader`, `arch`, `state_dict`, `meta` |",
+        "| loader | `spinecohort.grade.Grader.load(path)` |",
+        f"| started from | {started} |",
+        f"| trained | {meta.get('train_seconds', '?')} s on {meta.get('device', '?')} (torch {meta.get('torch', '?')}) |",
+        "",
+        "## Data",
+        "",
+        f"- {summary['data']['n_labelled_discs_with_ivv']} labelled discs from {summary['data']['n_scans']} scans of"
+        f" {summary['data']['n_subjects']} subjects, as the pipeline extracted them (its own detection, labelling and"
+        " disc volumes: what the model will see on the rest of the cohort).",
+        f"- Targets: the reads of {', '.join(settings['readers']) if settings.get('readers') else 'every reader'}"
+        " (a disc's reads averaged into a soft target).",
+        f"- Labelled discs without a disc volume (not used): {summary['data']['n_labelled_discs_without_ivv']}"
+        + "".join(f"; {n}: {r}" for r, n in summary["data"]["without_ivv_by_reason"].items()) + " (`missing_discs.csv`).",
+        "",
+        "## Recipe",
+        "",
+        f"SpineNetV2-style fine-tuning (`spinecohort.training.grader`): phase A, the whole network, {cfg.get('steps')}"
+        f" AdamW steps of batch {cfg.get('batch_size')} (learning rate x {cfg.get('finetune_lr_factor')} when"
+        f" fine-tuning); phase B, the heads on the frozen backbone, {cfg.get('head_epochs')} epochs, class-balanced."
+        f" Seed {cfg.get('seed')}.",
+        "",
+        "## Cross-validated agreement",
+        "",
+        f"{settings['k']}-fold cross-validation at subject level (seed {settings['seed']}; all scans of a subject in"
+        " one fold): every labelled disc is predicted once, by the model of the fold that did not train on its"
+        " subject (`oof_predictions.parquet`), with the same recipe and starting weights as this model; TTA"
+        f" {config['tta']}. Balanced accuracy pooled over levels and sites, 95 % subject-bootstrap intervals"
+        f" ({config['agreement']['bootstrap']} resamples); every metric, level and site is in `agreement.parquet`,"
+        " the confusion matrices in `confusion.parquet`. These figures estimate how this model (trained on all of"
+        " the labelled discs) grades scans it has not seen from the same cohort.",
+        "",
+        *lines_eval,
+        "",
+        ("\"no CI\": too few subjects for the subject bootstrap (the `note` column of `agreement.parquet`). "
+         if any(v is not None and v.get("ci_low") is None for row in evaluation for v in
+                [row.get(c) for c in comparisons]) else "")
+        + "The estimate includes the pipeline's own detection and labelling errors on these discs; labelled"
+        " discs it did not extract (above) are not in it.",
+        "",
+        "## Use",
+        "",
+        "Grade the rest of the cohort with this file as the grading model (README, *Training the grader on your own"
+        " labels*).",
+        "",
+    ]
+    atomic_write_bytes(md_out, "\n".join(lines).encode())
+    return Path(md_out)
 
 
 # ----------------------------------------------------------------------------- CLI

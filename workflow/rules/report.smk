@@ -27,7 +27,7 @@ rule report:
     output:
         f"{OUT}/report/validation.html",
     params:
-        config=CFG,
+        config=PIPELINE_CFG,
     log:
         f"{OUT}/logs/report.log",
     conda:

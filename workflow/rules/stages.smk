@@ -11,7 +11,7 @@ for _stage in STAGES:
             f"{WORK}/{{shard}}/{_stage}.status.parquet",
         params:
             stage=_stage,
-            config=CFG,
+            config=PIPELINE_CFG,
         log:
             f"{OUT}/logs/{_stage}/{{shard}}.log",
         threads: CFG["threads"]
@@ -28,7 +28,7 @@ rule qc:
     output:
         touch(f"{WORK}/{{shard}}/qc.done"),
     params:
-        config=CFG,
+        config=PIPELINE_CFG,
     log:
         f"{OUT}/logs/qc/{{shard}}.log",
     conda:

@@ -8,7 +8,7 @@ rule cohort_tables:
         vertebrae=f"{OUT}/tables/vertebrae.parquet",
         discs=f"{OUT}/tables/discs.parquet",
     params:
-        config=CFG,
+        config=PIPELINE_CFG,
         n_shards=len(SHARDS),
     log:
         f"{OUT}/logs/cohort_tables.log",

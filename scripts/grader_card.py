@@ -1,0 +1,8 @@
+"""Snakemake entry point; the work is in spinecohort.entry.grader_card."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 - the checkout, for conda envs
+from spinecohort.entry import grader_card  # noqa: E402
+
+grader_card(snakemake)  # noqa: F821
