@@ -54,7 +54,7 @@ def test_config_defaults_and_validation(tmp_path):
         resolve_config({"unknown_key": 1})
     path = tmp_path / "c.yaml"
     path.write_text("outdir: out\nmodels: {family: spinenet-official, dir: /w}\n")
-    assert load_config(path)["models"] == {"family": "spinenet-official", "dir": "/w"}
+    assert load_config(path)["models"] == {"family": "spinenet-official", "dir": "/w", "grader": None}
     path.write_text("outdir: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(Exception, match="could not determine a constructor|ConstructorError"):
         load_config(path)  # safe loader: nothing in a config is executed
