@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from .nets.storage import storable_state_dict
+
 __all__ = [
     "CORNER_NAMES",
     "CHANNEL_CORNER",
@@ -290,12 +292,7 @@ def save_checkpoint(path: str | Path, net: nn.Module, config: DetectorConfig,
                     meta: dict[str, Any] | None = None, half: bool = True) -> None:
     """Save weights (floating tensors as fp16 when ``half``) with the config and metadata, in a
     form ``torch.load(weights_only=True)`` reads."""
-    state = {}
-    for k, v in net.state_dict().items():
-        v = v.detach().cpu()
-        if half and v.is_floating_point():
-            v = v.half()
-        state[k] = v.contiguous()
+    state = storable_state_dict(net, half)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": 1,

@@ -24,7 +24,6 @@ IVV grid. :func:`hotspot_montage` draws one small PNG per disc.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .discs import IVV_SHAPE
+from .nets.storage import storable_state_dict
 from .tasks import TASK_BY_NAME, TASKS
 
 __all__ = [
@@ -89,12 +89,7 @@ def shift_volume(x: torch.Tensor, shift: Sequence[int]) -> torch.Tensor:
 def save_grader(path: str | Path, net: nn.Module, meta: Mapping[str, Any] | None = None, half: bool = True) -> Path:
     """Write a CPU-grader checkpoint (floating tensors in fp16 when ``half``) readable with
     ``torch.load(weights_only=True)``."""
-    state = {}
-    for k, v in net.state_dict().items():
-        v = v.detach().cpu()
-        if half and v.is_floating_point():
-            v = v.half()
-        state[k] = v.contiguous()
+    state = storable_state_dict(net, half)
     # plain JSON types only, so that torch.load(weights_only=True) reads the file
     arch = json.loads(json.dumps(dict(getattr(net, "arch", {}))))
     meta = json.loads(json.dumps(dict(meta or {}), default=str))
@@ -299,10 +294,4 @@ def hotspot_montage(ivv: np.ndarray, heat: np.ndarray, path: str | Path, title: 
     return path
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .nets.storage import storable_state_dict
 from .tasks import LEVELS
 
 __all__ = [
@@ -518,12 +519,7 @@ def save_labeller_checkpoint(path: str | Path, net: nn.Module, config: Appearanc
     """Weights (floating tensors fp16 when ``half``), config and metadata, readable with
     ``torch.load(weights_only=True)``."""
     fmt = APPEARANCE_FORMAT if isinstance(config, AppearanceConfig) else CONTEXT_FORMAT
-    state = {}
-    for k, v in net.state_dict().items():
-        v = v.detach().cpu()
-        if half and v.is_floating_point():
-            v = v.half()
-        state[k] = v.contiguous()
+    state = storable_state_dict(net, half)
     payload = {"format": fmt, "format_version": 1, "config": config.to_dict(), "state_dict": state,
                "meta": dict(meta or {})}
     path = Path(path)

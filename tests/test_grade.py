@@ -43,9 +43,9 @@ def test_shipped_weights_load_and_card(grader):
     assert grader.kind == "cpu" and grader.model_id == "grader-cpu-v1"
     assert "synthetic" in grader.meta.get("trained_on", "")
     card = MODEL.with_suffix(".md").read_text()
-    from spinecohort.grade import file_sha256
+    from spinecohort.provenance import sha256_file
 
-    assert file_sha256(MODEL) in card
+    assert sha256_file(MODEL) in card
     assert "not for research on real scans" in card.lower()
 
 

@@ -27,7 +27,6 @@ outputs are stored in the reference fixtures.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..provenance import sha256_file
 from .official import NETWORK_FACTS, OFFICIAL_NAMES, official_from_state_dict, official_template
 
 __all__ = [
@@ -117,14 +117,6 @@ class OfficialModels(dict):
         """``{model id: sha256}`` of the loaded files (the pipeline's ``models`` provenance)."""
         ids = self.model_ids
         return {ids[name]: self.models_sha256[name] for name in self.files}
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _NUM_RE = re.compile(r"(\d+)$")

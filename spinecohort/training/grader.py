@@ -761,7 +761,8 @@ def train_synthetic(out: str | Path = DEFAULT_OUT, data_dir: str | Path = DEFAUL
     ``.eval.csv`` and ``.test_predictions.parquet``."""
     import torch
 
-    from ..grade import Grader, file_sha256, grades_frame, save_grader
+    from ..grade import Grader, grades_frame, save_grader
+    from ..provenance import sha256_file
 
     cfg = config or TrainConfig()
     if set(range(*train_seeds)) & set(range(*test_seeds)):
@@ -794,7 +795,7 @@ def train_synthetic(out: str | Path = DEFAULT_OUT, data_dir: str | Path = DEFAUL
     }
     out = Path(out)
     save_grader(out, net, meta, half=True)
-    summary = {"path": str(out), "sha256": file_sha256(out), "bytes": out.stat().st_size, **meta,
+    summary = {"path": str(out), "sha256": sha256_file(out), "bytes": out.stat().st_size, **meta,
                "evaluation": table.to_dict("records"),
                "model_vs_truth_balanced_accuracy": {r["task"]: r["model_vs_R1"] for r in truth_ba.to_dict("records")}}
     summary["n_bootstrap"] = n_bootstrap
