@@ -42,7 +42,8 @@ import torch
 
 from spinecohort.nets import official
 from spinecohort.nets.checkpoints import recipe_state_dict
-from spinecohort.nets.official import fold_batchnorm, official_from_state_dict, official_template
+from spinecohort.nets.official import (fold_batchnorm, official_from_state_dict, official_template, param_dtype,
+                                       to_precision)
 
 TIMING_JSON = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "spinenet-cpu-timing.json"
 SLICES, TILES, DISCS = 15, 4, 6
@@ -81,10 +82,12 @@ def timed(fn, runs: int) -> tuple[float, list[float], float]:
 
 
 def run_detector(model, tiles: torch.Tensor, batch: int, channels_last: bool):
+    dtype = param_dtype(model)
+
     def go():
         with torch.inference_mode():
             for start in range(0, tiles.shape[0], batch):
-                x = tiles[start : start + batch]
+                x = tiles[start : start + batch].to(dtype)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 model(x)
@@ -92,11 +95,24 @@ def run_detector(model, tiles: torch.Tensor, batch: int, channels_last: bool):
 
 
 def run_grading(model, discs: torch.Tensor, batch: int):
+    dtype = param_dtype(model)
+
     def go():
         with torch.inference_mode():
             for start in range(0, discs.shape[0], batch):
-                model(discs[start : start + batch])
+                model(discs[start : start + batch].to(dtype))
     return go
+
+
+def bf16_deviation(model32, model16, x: torch.Tensor) -> dict:
+    """How far the bfloat16 network's outputs are from float32's on the same input: max |diff|
+    relative to the float32 output's range, and (grading) the share of equal argmax grades."""
+    with torch.inference_mode():
+        a, b = model32(x), model16(x.to(torch.bfloat16))
+    a, b = (list(a), list(b)) if isinstance(a, tuple) else ([a], [b])
+    rel = max(float((o.float() - r).abs().max() / r.abs().max()) for r, o in zip(a, b))
+    same = [float((o.float().argmax(1) == r.argmax(1)).float().mean()) for r, o in zip(a, b)]
+    return {"max_abs_diff_rel_range": round(rel, 4), "argmax_agreement": round(min(same), 4)}
 
 
 def main() -> None:
@@ -107,6 +123,7 @@ def main() -> None:
     ap.add_argument("--det-channels-last", action="store_true", help="also try NHWC for the detector")
     ap.add_argument("--grade-batch", default="1,6", help="comma-separated grading batch sizes to try")
     ap.add_argument("--skip-reference-like", action="store_true")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 configurations (models.precision)")
     ap.add_argument("--only", choices=["detector", "grading"], help="time one network only")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
@@ -162,7 +179,13 @@ def main() -> None:
                 det.to(memory_format=torch.channels_last)
                 record(det_rows, f"spinecohort (batch {b}, NHWC, BN folded)", run_detector(det, tiles, b, True))
                 det.to(memory_format=torch.contiguous_format)
-
+        if not args.no_bf16:
+            det16 = to_precision(official_from_state_dict("detector", recipe_state_dict("detector")), "bfloat16")
+            for b in batches:
+                record(det_rows, f"spinecohort bfloat16 (batch {b}, NHWC)", run_detector(det16, tiles, b, True))
+            res["detector_bf16_deviation"] = bf16_deviation(det, det16, tiles[:8])
+            print(f"  bfloat16 vs float32 outputs (8 tiles): {res['detector_bf16_deviation']}")
+            del det16
         del det
     if do_grade:
         grading = official_from_state_dict("grading", recipe_state_dict("grading"))
@@ -178,42 +201,56 @@ def main() -> None:
         fold_batchnorm(grading)
         for b in gbatches:
             record(grade_rows, f"spinecohort (batch {b}, oneDNN NDHWC, BN folded)", run_grading(grading, discs, b))
+        if not args.no_bf16:
+            grading16 = to_precision(official_from_state_dict("grading", recipe_state_dict("grading")), "bfloat16")
+            for b in gbatches:
+                record(grade_rows, f"spinecohort bfloat16 (batch {b}, NDHWC)", run_grading(grading16, discs, b))
+            res["grading_bf16_deviation"] = bf16_deviation(grading, grading16, discs)
+            print(f"  bfloat16 vs float32 outputs ({DISCS} discs): {res['grading_bf16_deviation']}")
 
     res["detector"] = det_rows
     res["grading"] = grade_rows
     res["gemm_gflops_after"] = round(gemm_gflops(), 1)
 
-    def best(rows):
-        return min((r["per_scan_s_median"] for r in rows if r["config"].startswith("spinecohort")), default=0.0)
+    def best(rows, prefix="spinecohort ("):
+        return min((r["per_scan_s_median"] for r in rows if r["config"].startswith(prefix)), default=0.0)
 
-    def best_cpu(rows):
-        return min((r["cpu_s_per_thread_median"] for r in rows if r["config"].startswith("spinecohort")), default=0.0)
+    def best_cpu(rows, prefix="spinecohort ("):
+        return min((r["cpu_s_per_thread_median"] for r in rows if r["config"].startswith(prefix)), default=0.0)
 
-    best_det, best_grade = best(det_rows), best(grade_rows)
-    ours = best_det + best_grade
     print(f"sgemm after: {res['gemm_gflops_after']} GFLOP/s; load average {os.getloadavg()[0]:.1f}")
-    print(f"best spinecohort: detector {best_det:.2f} s + grading {best_grade:.2f} s = {ours:.2f} s/scan "
-          f"(cpu/thread {best_cpu(det_rows):.2f} + {best_cpu(grade_rows):.2f} s)")
-    if not args.skip_reference_like:
-        ref_like = sum(rows[0]["per_scan_s_median"] for rows in (det_rows, grade_rows) if rows)
-        ref_cpu = sum(rows[0]["cpu_s_per_thread_median"] for rows in (det_rows, grade_rows) if rows)
-        ours_cpu = best_cpu(det_rows) + best_cpu(grade_rows)
-        res["speedup_vs_reference_like_same_machine"] = round(ref_like / ours, 2)
-        res["cpu_speedup_vs_reference_like_same_machine"] = round(ref_cpu / ours_cpu, 2)
-        print(f"reference-like on this machine: {ref_like:.2f} s/scan (cpu/thread {ref_cpu:.2f} s) -> "
-              f"speed-up {ref_like / ours:.2f}x wall, {ref_cpu / ours_cpu:.2f}x cpu")
+    ref_json = None
     if TIMING_JSON.is_file():
         ref = json.loads(TIMING_JSON.read_text())["network_forward"]
-        r_det = ref["detector"]["per_scan_s_median"] if do_det else 0.0
-        r_grade = ref["grading"]["per_scan_s_median"] if do_grade else 0.0
-        res["reference_json"] = {"detector": r_det, "grading": r_grade}
-        res["speedup_vs_reference_json"] = round((r_det + r_grade) / ours, 2)
+        ref_json = ((ref["detector"]["per_scan_s_median"] if do_det else 0.0)
+                    + (ref["grading"]["per_scan_s_median"] if do_grade else 0.0))
+        res["reference_json_per_scan_s"] = ref_json
         print(f"reference implies {scan_gflop['detector'] / ref['detector']['per_scan_s_median']:.0f} GFLOP/s "
               f"(detector) and {scan_gflop['grading'] / ref['grading']['per_scan_s_median']:.0f} GFLOP/s (grading) "
               "on its 2 cores")
-        print(f"reference spinenet 2.1.4 (other machine, {TIMING_JSON.name}): detector {r_det:.2f} s + "
-              f"grading {r_grade:.2f} s = {r_det + r_grade:.2f} s/scan -> speed-up {(r_det + r_grade) / ours:.2f}x "
-              "(target >= 2x)")
+    ref_like = ref_cpu = None
+    if not args.skip_reference_like:
+        ref_like = sum(rows[0]["per_scan_s_median"] for rows in (det_rows, grade_rows) if rows)
+        ref_cpu = sum(rows[0]["cpu_s_per_thread_median"] for rows in (det_rows, grade_rows) if rows)
+        print(f"reference-like on this machine: {ref_like:.2f} s/scan (cpu/thread {ref_cpu:.2f} s)")
+    res["best"] = {}
+    for precision, prefix in (("float32", "spinecohort ("), ("bfloat16", "spinecohort bfloat16")):
+        best_det, best_grade = best(det_rows, prefix), best(grade_rows, prefix)
+        ours = best_det + best_grade
+        if not ours:
+            continue
+        row = {"detector_s": best_det, "grading_s": best_grade, "per_scan_s": round(ours, 3)}
+        line = f"best spinecohort {precision}: detector {best_det:.2f} s + grading {best_grade:.2f} s = {ours:.2f} s/scan"
+        if ref_like:
+            ours_cpu = best_cpu(det_rows, prefix) + best_cpu(grade_rows, prefix)
+            row["speedup_vs_reference_like_same_machine"] = round(ref_like / ours, 2)
+            row["cpu_speedup_vs_reference_like_same_machine"] = round(ref_cpu / ours_cpu, 2)
+            line += f"; vs reference-like here {ref_like / ours:.2f}x wall ({ref_cpu / ours_cpu:.2f}x cpu)"
+        if ref_json:
+            row["speedup_vs_reference_json"] = round(ref_json / ours, 2)
+            line += f"; vs reference spinenet 2.1.4 ({TIMING_JSON.name}, {ref_json:.1f} s) {ref_json / ours:.2f}x"
+        res["best"][precision] = row
+        print(line + " (target >= 2x)")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
 

@@ -42,6 +42,8 @@ def _predict(args: argparse.Namespace, argv: list[str]) -> int:
     overrides = {"outdir": str(outdir), "shard_size": 1, "manifest": str(outdir / "manifest.csv")}
     if args.family:
         overrides["models"] = {"family": args.family, "dir": args.models_dir}
+    if args.precision:
+        overrides.setdefault("models", {})["precision"] = args.precision
     config = load_config(args.config, overrides)
     scan_id = args.scan_id or "scan"
     manifest = pd.DataFrame([{"scan_id": scan_id, "subject_id": scan_id, "path": str(Path(args.path).resolve()),
@@ -102,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--config", default=None, help="a config YAML (defaults otherwise)")
     predict.add_argument("--family", choices=["cpu-default", "spinenet-official"], default=None)
     predict.add_argument("--models-dir", default=None, help="official checkpoint folder (with --family spinenet-official)")
+    predict.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
+                         help="arithmetic of the official networks (config models.precision)")
     predict.set_defaults(handler=_predict)
 
     for command, help_text in (("train", "train a model (see `spinecohort train TARGET --help`)"),

@@ -17,7 +17,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "threads": 2,
     "demo": {"n_scans": 12, "seed": 0},
-    "models": {"family": "cpu-default", "dir": None, "grader": None},
+    "models": {"family": "cpu-default", "dir": None, "grader": None, "precision": "float32"},
     "graded_discs": ["T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"],
     "tta": 4,
     "hotspots": "report",

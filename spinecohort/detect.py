@@ -615,7 +615,12 @@ class Detector:
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.meta = dict(meta or {})
-        if self.config.autocast_bf16:
+        from .nets.official import param_dtype
+
+        # a network stored in bfloat16 (official family, models.precision) takes bfloat16 input
+        self.input_dtype = param_dtype(self.net)
+        self.channels_last = self.config.autocast_bf16 or self.input_dtype == torch.bfloat16
+        if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
 
     # -- construction -------------------------------------------------------------------------
@@ -669,8 +674,8 @@ class Detector:
                     for j, i in enumerate(chunk):
                         h, w = tiles[i].shape
                         x[j, 0, :h, :w] = tiles[i]
-                    x = x.to(self.device)
-                    if cfg.autocast_bf16:
+                    x = x.to(self.device, self.input_dtype)
+                    if self.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
                         y = self.net(x)

@@ -123,6 +123,9 @@ class Grader:
         self.meta = dict(meta or {})
         self.model_id = model_id
         self.input_scale = 0.5 if kind == "official" else 1.0
+        from .nets.official import param_dtype
+
+        self.input_dtype = param_dtype(self.net)  # bfloat16 for official nets under models.precision
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -148,7 +151,7 @@ class Grader:
     # ------------------------------------------------------------------ core
     def _logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: (B, 9, 112, 224) on the device -> 11 raw logit tensors (official classes)."""
-        out = self.net(x[:, None] * self.input_scale)
+        out = self.net((x[:, None] * self.input_scale).to(self.input_dtype))
         return list(out)
 
     @staticmethod

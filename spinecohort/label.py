@@ -555,6 +555,10 @@ class Labeller:
         self.device = torch.device(device)
         self.appearance = appearance.to(self.device).eval()
         self.context = context.to(self.device).eval()
+        from .nets.official import param_dtype
+
+        # bfloat16 for official nets under models.precision; the CPU defaults are float32
+        self.appearance_dtype, self.context_dtype = param_dtype(self.appearance), param_dtype(self.context)
         self.appearance_config = appearance_config or AppearanceConfig()
         self.context_config = context_config or ContextConfig()
         self.beam = beam or BeamConfig()
@@ -596,7 +600,7 @@ class Labeller:
         out = []
         with torch.inference_mode():
             for b0 in range(0, len(x), max(1, cfg.batch)):
-                xb = x[b0:b0 + cfg.batch].to(self.device)
+                xb = x[b0:b0 + cfg.batch].to(self.device, self.appearance_dtype)
                 if cfg.arch == "official":
                     y = self.appearance(xb.permute(0, 1, 3, 4, 2).contiguous())  # (B,1,R,C,S)
                 elif cfg.size_features:
@@ -609,7 +613,7 @@ class Labeller:
     def refine(self, P: np.ndarray) -> np.ndarray:
         """P' = softmax(context(P) / T_ctx) per row; P (H, 24) with H a multiple of pad_multiple."""
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(P, dtype=np.float32))[None, None].to(self.device)
+            x = torch.from_numpy(np.ascontiguousarray(P, dtype=np.float32))[None, None].to(self.device, self.context_dtype)
             y = self.context(x).float().cpu()[0, 0]
         return torch.softmax(y / self.context_config.temperature, dim=1).numpy()
 

@@ -119,7 +119,8 @@ class DetectStage(Stage):
         if family == "spinenet-official":
             from .nets.checkpoints import load_official_folder
 
-            loaded = load_official_folder(config["models"]["dir"], names=["detector"])
+            loaded = load_official_folder(config["models"]["dir"], names=["detector"],
+                                          precision=config["models"]["precision"])
             self.detector = Detector.official(loaded.networks["detector"], device=self.device)
             self._models = loaded.provenance()
         else:
@@ -151,7 +152,8 @@ class LabelStage(Stage):
         if config["models"]["family"] == "spinenet-official":
             from .nets.checkpoints import load_official_folder
 
-            loaded = load_official_folder(config["models"]["dir"], names=["appearance", "context"])
+            loaded = load_official_folder(config["models"]["dir"], names=["appearance", "context"],
+                                          precision=config["models"]["precision"])
             self.labeller = Labeller.official(loaded.networks["appearance"], loaded.networks["context"], device=self.device)
             self._models = loaded.provenance()
         else:
@@ -231,7 +233,8 @@ class GradeStage(Stage):
         if config["models"]["family"] == "spinenet-official":
             from .nets.checkpoints import load_official_folder
 
-            loaded = load_official_folder(config["models"]["dir"], names=["grading"])
+            loaded = load_official_folder(config["models"]["dir"], names=["grading"],
+                                          precision=config["models"]["precision"])
             self.grader = Grader.official(loaded.networks["grading"], device=self.device)
             self.model_id = loaded.model_ids["grading"]
             self._models = loaded.provenance()

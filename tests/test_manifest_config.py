@@ -54,7 +54,10 @@ def test_config_defaults_and_validation(tmp_path):
         resolve_config({"unknown_key": 1})
     path = tmp_path / "c.yaml"
     path.write_text("outdir: out\nmodels: {family: spinenet-official, dir: /w}\n")
-    assert load_config(path)["models"] == {"family": "spinenet-official", "dir": "/w", "grader": None}
+    assert load_config(path)["models"] == {"family": "spinenet-official", "dir": "/w", "grader": None,
+                                           "precision": "float32"}
+    with pytest.raises(ConfigError, match="models/precision"):
+        resolve_config({"models": {"precision": "float16"}})
     path.write_text("outdir: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(Exception, match="could not determine a constructor|ConstructorError"):
         load_config(path)  # safe loader: nothing in a config is executed

@@ -21,6 +21,8 @@ from spinecohort.nets.official import (
     fold_batchnorm,
     official_from_state_dict,
     official_template,
+    param_dtype,
+    to_precision,
 )
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -36,6 +38,7 @@ pytestmark = pytest.mark.skipif(
 # Section 8 tolerances.
 ELEM_TOL = 1e-4  # max |y - vals| <= ELEM_TOL * max |vals| over the stored indices
 SUM_TOL = 1e-5  # |sum(y) - sum| and |abssum(y) - abssum| <= SUM_TOL * abssum
+BF16_TOL = 3e-2  # models.precision bfloat16: 8-bit mantissas through dozens of layers
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,20 @@ def test_official_forward_matches_reference(name, fixtures):
         with torch.inference_mode():
             out = model(x)
         _check_outputs(name + " (BatchNorm folded)", out, z, key=name)
+
+    # 6. models.precision: bfloat16 stays within bfloat16 rounding of the reference
+    to_precision(model, "bfloat16")
+    assert param_dtype(model) == torch.bfloat16
+    with torch.inference_mode():
+        out = model(x.to(torch.bfloat16))
+    outs = out if isinstance(out, tuple) else (out,)
+    for i, y in enumerate(outs):
+        p = f"{name}/out{i}/"
+        y = y.float().numpy().reshape(-1)
+        assert np.isfinite(y).all()
+        vals = z[p + "vals"]
+        elem = np.max(np.abs(y[z[p + "idx"]] - vals)) / np.max(np.abs(vals))
+        assert elem <= BF16_TOL, f"{name} bfloat16 output {i}: elem {elem:.2e}"
 
 
 def _check_outputs(label, out, z, key=None):

@@ -252,10 +252,12 @@ def test_zero_detections_complete_with_empty_typed_tables(folders, cohort, tmp_p
     assert (agreement.loc[agreement["comparison"] == "model_vs_R1", "note"].str.len() > 0).all()
 
 
-def test_detections_run_through_official_labeller_and_grader(folders, cohort, tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_detections_run_through_official_labeller_and_grader(folders, cohort, tmp_path, precision):
     folder, models = folders["dots"]
-    tables = _check_tables(_run(folder, cohort, tmp_path / "out", graded_discs=ALL_DISCS), models,
-                           ["demo0000", "dots"])
+    run = _run(folder, cohort, tmp_path / "out", graded_discs=ALL_DISCS,
+               models={"family": "spinenet-official", "dir": str(folder), "precision": precision})
+    tables = _check_tables(run, models, ["demo0000", "dots"])
     vertebrae = tables["vertebrae"].query("scan_id == 'dots'").sort_values("vertebra_id")
     # the dots come back exactly, caudal first, in the stored grid (all 3 slices)
     assert len(vertebrae) == N_BODIES

@@ -210,12 +210,18 @@ def load_official_folder(
     directory: str | os.PathLike,
     names: Iterable[str] = OFFICIAL_NAMES,
     select: str = "highest",
+    precision: str = "float32",
 ) -> OfficialModels:
     """Load the official networks from a checkpoint folder laid out like spinenet's ``weights``.
 
-    Returns an :class:`OfficialModels` dict ``{name: model}`` (eval mode, float32, CPU) with
+    Returns an :class:`OfficialModels` dict ``{name: model}`` (eval mode, CPU, float32 or, with
+    ``precision="bfloat16"``, cast by :func:`spinecohort.nets.official.to_precision`) with
     ``.files`` and ``.models_sha256``. Fails fast with :class:`CheckpointError`.
     """
+    from .official import PRECISIONS, to_precision
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"official checkpoint folder {directory} does not exist")
@@ -224,7 +230,7 @@ def load_official_folder(
         if name not in SUBFOLDERS:
             raise ValueError(f"unknown official network {name!r}; expected one of {OFFICIAL_NAMES}")
         files[name] = select_checkpoint(directory / SUBFOLDERS[name].folder, name, select)
-    models = {name: load_official_checkpoint(path, name) for name, path in files.items()}
+    models = {name: to_precision(load_official_checkpoint(path, name), precision) for name, path in files.items()}
     sha = {name: sha256_file(path) for name, path in files.items()}
     return OfficialModels(models, files, sha)
 
