@@ -63,6 +63,9 @@ class Stage:
     name: str = ""
     after: str | None = None  # stage whose ok scans this one processes
     needs_rows_of: tuple[str, ...] = ()  # earlier stages whose rows a scan needs
+    # config keys ("key" or "key.subkey") the stage reads beyond STAGE_COMMON_KEYS: it sees only
+    # these (stage_config), so changing another key (tta, models.grader) re-runs no other stage
+    config_keys: tuple[str, ...] = ()
 
     def __init__(self, config: Mapping[str, Any]):
         self.config = config
@@ -150,9 +153,30 @@ def _format_error(stage: str, scan_id: str, error: BaseException) -> str:
     return f"scan {scan_id}: {stage}: {type(error).__name__}: {message}"
 
 
+#: Config keys every stage job gets (where outputs go, which scans, the compute it may use).
+STAGE_COMMON_KEYS = ("outdir", "shard_size", "device", "threads")
+
+
+def stage_config(config: Mapping[str, Any], stage_name: str) -> dict[str, Any]:
+    """The part of ``config`` that stage ``stage_name`` reads (:attr:`Stage.config_keys`). The
+    Snakefile passes it as the stage rule's params (Snakemake re-runs a job when its params
+    change) and :func:`run_shard_stage` runs the stage on it, so an undeclared key fails loudly."""
+    out: dict[str, Any] = {}
+    for key in STAGE_COMMON_KEYS + stage_classes()[stage_name].config_keys:
+        head, _, sub = key.partition(".")
+        if head not in config:
+            continue
+        if not sub:
+            out[head] = config[head]
+        elif sub in config[head]:
+            out.setdefault(head, {})[sub] = config[head][sub]
+    return out
+
+
 def run_shard_stage(stage_name: str, config: Mapping[str, Any], manifest_file: str | Path, shard: int,
                     created_by: str | None = None) -> None:
     """Run one stage over one shard and write its status and rows."""
+    config = stage_config(config, stage_name)
     stage = stage_classes()[stage_name](config)
     outdir = Path(config["outdir"])
     workdir = outdir / "work"

@@ -108,6 +108,7 @@ def canonical_vertebrae(scan: ScanContext, rows: pd.DataFrame) -> list[dict]:
 @register_stage
 class DetectStage(Stage):
     name = "detect"
+    config_keys = ("models.family", "models.dir", "models.precision")
     after = "ingest"
 
     def __init__(self, config: Mapping[str, Any]):
@@ -141,6 +142,7 @@ class DetectStage(Stage):
 @register_stage
 class LabelStage(Stage):
     name = "label"
+    config_keys = ("models.family", "models.dir", "models.precision")
     after = "detect"
     needs_rows_of = ("detect",)
 
@@ -185,6 +187,7 @@ def ivv_path(workdir: Path, scan_id: str) -> Path:
 @register_stage
 class ExtractDiscsStage(Stage):
     name = "extract_discs"
+    config_keys = ("graded_discs",)
     after = "label"
     needs_rows_of = ("label",)
 
@@ -220,6 +223,7 @@ class ExtractDiscsStage(Stage):
 @register_stage
 class GradeStage(Stage):
     name = "grade"
+    config_keys = ("models.family", "models.dir", "models.precision", "models.grader", "tta", "hotspots")
     after = "extract_discs"
     needs_rows_of = ("extract_discs",)
     # Hotspot montages per shard when config hotspots = report: examples, not every disc.

@@ -28,6 +28,12 @@ def test_snakemake_demo_end_to_end(tmp_path):
     assert "<img" in html and "http://" not in html.replace("http://www.w3.org", "")
     assert {"pipeline_version", "config_sha256", "models", "created_by"} <= set(read_provenance(out / "tables" / "discs.parquet"))
     assert (out / "tables" / "agreement.parquet").exists()
+    # Changing tta re-runs grading and what follows it, not ingest/detect/label/extract_discs.
+    plan = subprocess.run([*command[:-1], "tta=2", "-n"], capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
+    jobs = plan.stdout[plan.stdout.index("Job stats:"):].split("\n\n")[0]
+    planned = {line.split()[0] for line in jobs.splitlines()[3:] if len(line.split()) == 2}
+    assert "grade" in planned and not planned & {"ingest", "detect", "label", "extract_discs"}, jobs
     # No synthetic patient identifier reaches any output.
     for path in out.rglob("*"):
         if path.is_file() and "demo" not in path.relative_to(out).parts[:1]:

@@ -1,5 +1,5 @@
 # Shared helpers for the rules.
-from spinecohort.pipeline import stage_order, stage_classes
+from spinecohort.pipeline import stage_classes, stage_config, stage_order
 
 STAGES = stage_order()
 LAST_STAGE = STAGES[-1]

@@ -11,7 +11,7 @@ for _stage in STAGES:
             f"{WORK}/{{shard}}/{_stage}.status.parquet",
         params:
             stage=_stage,
-            config=PIPELINE_CFG,
+            config=stage_config(PIPELINE_CFG, _stage),
         log:
             f"{OUT}/logs/{_stage}/{{shard}}.log",
         threads: CFG["threads"]
