@@ -20,7 +20,7 @@ from spinecohort.discs import extract_ivvs, vertebrae_from_synthetic
 from spinecohort.grade import Grader
 from spinecohort.synthetic import generate_scan
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "grader-cpu-v1.pt"
+MODEL = Path(__file__).resolve().parents[1] / "models" / "grader-cpu-v2.pt"
 
 
 def main() -> None:

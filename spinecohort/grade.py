@@ -1,7 +1,7 @@
 """Disc grading inference with test-time augmentation, and evidence hotspots.
 
 ``Grader`` wraps either the CPU default network (:mod:`spinecohort.nets.grader_cpu`, loaded from
-``models/grader-cpu-v1.pt``) or the official SpineNetV2 grading network
+``models/grader-cpu-v2.pt``) or the official SpineNetV2 grading network
 (:class:`spinecohort.nets.official.GradingModel`), and returns, per IVV, class probabilities on
 the contract's scale for every task in :data:`spinecohort.tasks.TASKS`.
 

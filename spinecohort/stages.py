@@ -244,7 +244,7 @@ class GradeStage(Stage):
             self._models = loaded.provenance()
         else:
             custom = config["models"].get("grader")
-            path = Path(custom) if custom else default_model("grader-cpu-v1.pt")
+            path = Path(custom) if custom else default_model("grader-cpu-v2.pt")
             if not path.is_file():
                 raise FileNotFoundError(f"models.grader: grader checkpoint not found: {path}")
             self.grader = Grader.load(path, device=self.device)

@@ -13,8 +13,11 @@ Architecture (a slim 3-D ResNet in the spirit of SpineNetV2's grading network, s
 * three residual basic blocks (``plan``): 32 ch, stride (2, 2, 2) -> 5 x 14 x 28; 64 ch,
   stride (1, 2, 2) -> 5 x 7 x 14; 128 ch, stride (2, 2, 2) -> 3 x 4 x 7, the last one with a
   (3, 3, 3) convolution (the stem and the strided slice steps mix the slices before);
-* 1x1x1 projection to 256 channels, global average and global max pooling concatenated -> the
-  512-d disc feature;
+* the 512-d disc feature, by ``pool``: ``"global"`` (v1): 1x1x1 projection to 256 channels,
+  global average and global max pooling concatenated; ``"quadrants"``: projection to 64
+  channels, average and max pooling over each quadrant of the (rows, cols) plane (upper/lower
+  x anterior/posterior; all slices), so the feature keeps *where* a finding is: the upper vs
+  the lower endplate, the posterior canal vs the disc;
 * one 2-layer MLP head per task (512 -> ``head_hidden`` -> classes, ReLU, dropout).
 
 Weights and activations are kept in ``channels_last_3d``, which is markedly faster on CPUs.
@@ -25,12 +28,15 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..tasks import TASKS
 
 __all__ = ["GraderCPU", "build_cpu_grader", "FEATURE_DIM", "DEFAULT_ARCH"]
 
 FEATURE_DIM = 512
+#: Feature pooling -> number of regions pooled separately.
+POOLS = {"global": 1, "quadrants": 4}
 
 
 def _pad(k: Sequence[int]) -> tuple[int, ...]:
@@ -72,11 +78,14 @@ class GraderCPU(nn.Module):
     task_names = tuple(t.name for t in TASKS)
 
     def __init__(self, stem_width: int = 16, plan: Sequence[Sequence] = DEFAULT_PLAN, head_hidden: int = 128,
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, pool: str = "global"):
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; expected one of {sorted(POOLS)}")
         plan = [[int(c), [int(v) for v in st], [int(v) for v in k1], [int(v) for v in k2]] for c, st, k1, k2 in plan]
         self.arch = {"stem_width": int(stem_width), "plan": plan, "head_hidden": int(head_hidden),
-                     "dropout": float(dropout)}
+                     "dropout": float(dropout), "pool": pool}
+        self.pool = pool
         self.stem = nn.Sequential(
             nn.Conv3d(1, stem_width, (3, 4, 4), stride=(1, 4, 4), padding=(1, 0, 0), bias=True),
             nn.ReLU(inplace=True),
@@ -86,9 +95,10 @@ class GraderCPU(nn.Module):
             blocks.append(_Block(cin, cout, tuple(st), tuple(k1), tuple(k2)))
             cin = cout
         self.blocks = nn.Sequential(*blocks)
+        width = FEATURE_DIM // (2 * POOLS[pool])  # x (average, max) x regions = FEATURE_DIM
         self.project = nn.Sequential(
-            nn.Conv3d(cin, FEATURE_DIM // 2, 1, bias=False),
-            nn.BatchNorm3d(FEATURE_DIM // 2),
+            nn.Conv3d(cin, width, 1, bias=False),
+            nn.BatchNorm3d(width),
             nn.ReLU(inplace=True),
         )
         self.heads = nn.ModuleList(
@@ -112,7 +122,11 @@ class GraderCPU(nn.Module):
         """(B, 1, 9, 112, 224) -> (B, 512): average and max pooled projection."""
         x = x.contiguous(memory_format=torch.channels_last_3d)
         y = self.project(self.blocks(self.stem(x)))
-        return torch.cat([y.mean(dim=(2, 3, 4)), y.amax(dim=(2, 3, 4))], dim=1)
+        if self.pool == "global":
+            return torch.cat([y.mean(dim=(2, 3, 4)), y.amax(dim=(2, 3, 4))], dim=1)
+        avg = F.adaptive_avg_pool3d(y, (1, 2, 2)).flatten(1)
+        peak = F.adaptive_max_pool3d(y, (1, 2, 2)).flatten(1)
+        return torch.cat([avg, peak], dim=1)
 
     def classify(self, f: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(head(f) for head in self.heads)
@@ -121,7 +135,7 @@ class GraderCPU(nn.Module):
         return self.classify(self.features(x))
 
 
-DEFAULT_ARCH = {"stem_width": 16, "plan": DEFAULT_PLAN, "head_hidden": 128, "dropout": 0.2}
+DEFAULT_ARCH = {"stem_width": 16, "plan": DEFAULT_PLAN, "head_hidden": 128, "dropout": 0.2, "pool": "quadrants"}
 
 
 def build_cpu_grader(**kwargs) -> GraderCPU:

@@ -28,7 +28,7 @@ times the learning rate; phase B is unchanged.
 
 Entry points
 ------------
-``train_synthetic(out, data_dir, ...)``: the shipped ``models/grader-cpu-v1.pt``: synthetic
+``train_synthetic(out, data_dir, ...)``: the shipped ``models/grader-cpu-v2.pt``: synthetic
 scans (:mod:`spinecohort.synthetic`) -> IVVs from the truth polygons -> labels = the two simulated
 reads (R1, R1-repeat; what a team with a repeat-read subset has), evaluated on a held-out
 synthetic cohort with disjoint seeds against R1, beside R1 vs R1-repeat.
@@ -45,7 +45,7 @@ agreement stage's code), :func:`run_final` and :func:`write_cv_model_card`; sett
 config's ``grader_training`` keys, outputs under ``<outdir>/grader_cv/``.
 
 ``main(argv)``: ``spinecohort train grader --ivv-table T --labels L --out DIR [--k 5 --seed S
---init-weights W --steps N --final]`` or ``--synthetic --out models/grader-cpu-v1.pt``.
+--init-weights W --steps N --final]`` or ``--synthetic --out models/grader-cpu-v2.pt``.
 
 Inputs: ``ivv_table`` (CSV/Parquet or DataFrame) with ``scan_id, subject_id, level, path``, path
 = the scan's ``.npz`` from :func:`spinecohort.discs.save_ivvs` (``volumes`` (n, 9, 112, 224),
@@ -98,7 +98,7 @@ __all__ = [
 ]
 
 TASK_NAMES = tuple(t.name for t in TASKS)
-DEFAULT_OUT = Path("models/grader-cpu-v1.pt")
+DEFAULT_OUT = Path("models/grader-cpu-v2.pt")
 DEFAULT_DATA_DIR = Path("/tmp/grader_data")
 DEFAULT_LOG = Path("/tmp/grader_train.log")
 SYNTH_TRAIN_SEEDS = (100_000, 100_800)  # [start, stop)
@@ -652,18 +652,18 @@ def _table_markdown(df: pd.DataFrame) -> str:
 
 
 def write_model_card(summary: dict[str, Any], path: str | Path, command: str) -> Path:
-    """``models/grader-cpu-v1.md`` from :func:`train_synthetic`'s summary."""
+    """``models/grader-cpu-v2.md`` from :func:`train_synthetic`'s summary."""
     cfg = summary["config"]
     table = pd.DataFrame(summary["evaluation"])
     truth = summary.get("model_vs_truth_balanced_accuracy", {})
     n_pass = int(table["within_3_points"].sum()) if len(table) else 0
     lines = [
-        "# grader-cpu-v1: CPU-default disc grading network",
+        f"# {Path(summary['path']).stem}: CPU-default disc grading network",
         "",
         "> **Synthetic-trained. Not for research on real scans.** These weights have only ever seen",
         "> synthetic phantoms (`spinecohort.synthetic`). They exist so that the pipeline, its tests",
         "> and the demo run end to end on a CPU, and as a starting point for fine-tuning on a team's",
-        "> own labelled scans (`spinecohort train grader --init-weights models/grader-cpu-v1.pt`).",
+        f"> own labelled scans (`spinecohort train grader --init-weights models/{Path(summary['path']).name}`).",
         "> Grades they produce on real MRI are meaningless.",
         "",
         "| | |",
@@ -679,8 +679,11 @@ def write_model_card(summary: dict[str, Any], path: str | Path, command: str) ->
         "## Architecture",
         "",
         "`spinecohort.nets.grader_cpu.GraderCPU`: 3-D convolution stem (kernel 3x4x4, stride 1x4x4),",
-        "three residual blocks (32/64/128 channels) with in-plane and slice striding, 1x1x1 projection",
-        "to 256 channels, global average + max pooling -> 512-d feature, one 2-layer MLP head per task",
+        "three residual blocks (32/64/128 channels) with in-plane and slice striding, "
+        + ("1x1x1 projection to 64 channels, average + max pooling over each quadrant of the (rows, cols) plane"
+           if cfg["arch"].get("pool") == "quadrants" else
+           "1x1x1 projection to 256 channels, global average + max pooling"),
+        "-> 512-d feature, one 2-layer MLP head per task",
         f"(512 -> {cfg['arch']['head_hidden']} -> classes). Arch: `{json.dumps(cfg['arch'])}`.",
         "",
         "## Data",
@@ -787,7 +790,7 @@ def train_synthetic(out: str | Path = DEFAULT_OUT, data_dir: str | Path = DEFAUL
         lambda d: pd.concat([d, lab_te[lab_te["reader"] == "R1"]], ignore_index=True)), n_bootstrap=0,
         reader="truth", repeat="R1")
     meta = {
-        "model": "grader-cpu-v1", "trained_on": "synthetic phantoms only (spinecohort.synthetic); NOT for research on real scans",
+        "model": Path(out).stem, "trained_on": "synthetic phantoms only (spinecohort.synthetic); NOT for research on real scans",
         "train_seeds": list(train_seeds), "test_seeds": list(test_seeds), "reads_seed": READS_SEED,
         "train_readers": list(readers), "n_train_discs": int(len(keys)), "n_test_discs": int(len(keys_t)),
         "config": asdict(cfg), "train_seconds": round(t_train, 1), "data_seconds": round(t_data, 1),
@@ -816,13 +819,13 @@ def train_synthetic(out: str | Path = DEFAULT_OUT, data_dir: str | Path = DEFAUL
 # disc extraction, then the functions below, one rule each. Outputs go to <outdir>/grader_cv/.
 CV_DIR = "grader_cv"
 IVV_STAGE = "extract_discs"  # the stage whose rows and IVV files (work/ivv/<scan_id>.npz) are used
-SHIPPED_INIT = "grader-cpu-v1.pt"
+SHIPPED_INIT = "grader-cpu-v2.pt"
 IVV_TABLE_COLUMNS = ["scan_id", "subject_id", "site", "level", "path", "upper_vertebra_id", "lower_vertebra_id",
                      "centre_slice", "centre_row", "centre_col"]
 
 
 def init_weights_path(value: str | None) -> Path | None:
-    """``grader_training: init_weights``: ``shipped`` -> the checkout's ``models/grader-cpu-v1.pt``,
+    """``grader_training: init_weights``: ``shipped`` -> the checkout's ``models/grader-cpu-v2.pt``,
     ``scratch`` (or None) -> None (random initialisation), anything else -> that path."""
     if value is None or value == "scratch":
         return None
@@ -1156,6 +1159,8 @@ def _config_from_args(args) -> TrainConfig:
     if args.batch_size is not None:
         cfg.batch_size = args.batch_size
     cfg.tta_eval = args.tta
+    if args.pool is not None:
+        cfg.arch["pool"] = args.pool
     return cfg
 
 
@@ -1167,12 +1172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (CV) or .pt file (--synthetic)")
     p.add_argument("--k", type=int, default=5, help="folds (patient level)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-weights", default=None, help="grader checkpoint to fine-tune from (e.g. models/grader-cpu-v1.pt)")
+    p.add_argument("--init-weights", default=None, help="grader checkpoint to fine-tune from (e.g. models/grader-cpu-v2.pt)")
     p.add_argument("--readers", default=None, help="comma-separated readers whose reads are the targets (default all)")
     p.add_argument("--steps", type=int, default=None, help="phase-A steps per model")
     p.add_argument("--head-epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--tta", type=int, default=4)
+    p.add_argument("--pool", choices=["global", "quadrants"], default=None,
+                   help="feature pooling of a new network (spinecohort.nets.grader_cpu; default: DEFAULT_ARCH's)")
     p.add_argument("--final", action="store_true", help="after CV, also train on all labelled discs -> OUT/grader.pt")
     p.add_argument("--synthetic", action="store_true", help="reproduce the shipped synthetic default")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="synthetic cohort cache (with --synthetic)")
