@@ -23,7 +23,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=4242)
-    p.add_argument("--detector", default=str(ROOT / "models" / "detector-cpu-v1.pt"))
+    p.add_argument("--detector", default=str(ROOT / "models" / "detector-cpu-v2.pt"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     scan = generate_scan(args.seed, fov="lumbar", contrast="T2", n_slices=15, rows=512)

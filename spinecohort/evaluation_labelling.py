@@ -42,7 +42,7 @@ from .tasks import LEVEL_INDEX
 
 __all__ = ["level_ordinal", "match_bodies", "evaluate_scan", "evaluate_labelling", "main"]
 
-DEFAULT_DETECTOR = Path("models/detector-cpu-v1.pt")
+DEFAULT_DETECTOR = Path("models/detector-cpu-v2.pt")
 DEFAULT_APPEARANCE = Path("models/appearance-cpu-v1.pt")
 DEFAULT_CONTEXT = Path("models/context-cpu-v1.pt")
 SEED_BASE = {"lumbar": 1_000_000, "whole": 2_000_000, "cervical": 3_000_000}

@@ -26,7 +26,7 @@ def torch_device(config: Mapping[str, Any]) -> str:
 
 
 def default_model(name: str) -> Path:
-    """Path of a shipped default model, e.g. ``detector-cpu-v1.pt``."""
+    """Path of a shipped default model, e.g. ``detector-cpu-v2.pt``."""
     path = MODELS_DIR / name
     if not path.exists():
         raise FileNotFoundError(f"model file {path} is missing (the checkout's models/ folder)")
@@ -125,7 +125,7 @@ class DetectStage(Stage):
             self.detector = Detector.official(loaded.networks["detector"], device=self.device)
             self._models = loaded.provenance()
         else:
-            path = default_model("detector-cpu-v1.pt")
+            path = default_model("detector-cpu-v2.pt")
             self.detector = Detector.load(path, device=self.device)
             self._models = {path.stem: sha256_file(path)}
 

@@ -28,7 +28,7 @@ from spinecohort.detect import (
 from spinecohort.training.detector import TargetConfig, detection_loss, make_targets
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "models" / "detector-cpu-v1.pt"
+MODEL = REPO / "models" / "detector-cpu-v2.pt"
 
 
 def _quad(r, c, h, w, tilt=0.0):

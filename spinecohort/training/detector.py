@@ -53,7 +53,7 @@ __all__ = [
     "main",
 ]
 
-DEFAULT_OUT = Path("models/detector-cpu-v1.pt")
+DEFAULT_OUT = Path("models/detector-cpu-v2.pt")
 DEFAULT_ARCH_KWARGS = {"widths": [16, 32, 64, 96, 128], "head_width": 16, "arrow_scale": 16.0,
                        "full_res_width": 16}
 #: Training slices are stored at this pixel size or finer (saves memory for 0.5 mm scans).
@@ -159,6 +159,9 @@ class TrainScan:
     polys: dict[int, list[np.ndarray]] = field(default_factory=dict)
     ignore_boxes: dict[int, list[tuple[float, float, float, float]]] = field(default_factory=dict)
     lines: Any = None                               # annotated extent lines or None
+    # hard-negative tile centres per slice (source px): the craniovertebral junction above C2,
+    # whose dens, C1 arches and clivus look body-like but are not vertebral bodies
+    focus: dict[int, list[np.ndarray]] = field(default_factory=dict)
 
     def slice_weights(self) -> np.ndarray:
         return np.array([1.0 if self.polys.get(s) else 0.15 for s in range(self.volume.shape[0])])
@@ -169,12 +172,13 @@ def _box(poly: np.ndarray, dilate: float) -> tuple[float, float, float, float]:
     return (q[:, 0].min() - dilate, q[:, 0].max() + dilate, q[:, 1].min() - dilate, q[:, 1].max() + dilate)
 
 
-def _downsample_for_storage(volume: np.ndarray, spacing: tuple[float, float], polys, boxes, lines):
+def _downsample_for_storage(volume: np.ndarray, spacing: tuple[float, float], polys, boxes, lines, focus=None):
     """Resample slices finer than STORE_MM to STORE_MM (float16) and scale the annotations."""
     sr, sc = spacing
     fr, fc = min(1.0, sr / STORE_MM), min(1.0, sc / STORE_MM)
+    focus = focus or {}
     if fr == 1.0 and fc == 1.0:
-        return volume.astype(np.float16), spacing, polys, boxes, lines
+        return volume.astype(np.float16), spacing, polys, boxes, lines, focus
     vol = np.stack([ndimage.zoom(ndimage.gaussian_filter(sl.astype(np.float32), (0.4 / fr, 0.4 / fc)),
                                  (fr, fc), order=1) for sl in volume])
     ar, ac = vol.shape[1] / volume.shape[1], vol.shape[2] / volume.shape[2]
@@ -188,7 +192,8 @@ def _downsample_for_storage(volume: np.ndarray, spacing: tuple[float, float], po
                  for b in v] for s, v in boxes.items()}
     if lines is not None:
         lines = tuple(tuple(tp(p) for p in ln) for ln in lines)
-    return vol.astype(np.float16), (sr / ar, sc / ac), polys, boxes, lines
+    focus = {s: [tp(p) for p in v] for s, v in focus.items()}
+    return vol.astype(np.float16), (sr / ar, sc / ac), polys, boxes, lines, focus
 
 
 def scan_from_public_lumbar(case, dilate: float = 3.0, margin_px: float = 2.0) -> TrainScan:
@@ -236,8 +241,19 @@ def scan_from_synthetic(scan, name: str = "synthetic", dilate: float = 3.0) -> T
             else:
                 near = min(vp, key=lambda k: (abs(k - s), k))
                 boxes.setdefault(s, []).append(_box(vp[near], dilate))
-    vol, spacing, polys, boxes, _ = _downsample_for_storage(vol, spacing, polys, boxes, None)
-    return TrainScan(name, "synthetic", vol, spacing, polys, boxes, None)
+    focus = _craniocervical_focus(scan)
+    vol, spacing, polys, boxes, _, focus = _downsample_for_storage(vol, spacing, polys, boxes, None, focus)
+    return TrainScan(name, "synthetic", vol, spacing, polys, boxes, None, focus)
+
+
+def _craniocervical_focus(scan) -> dict[int, list[np.ndarray]]:
+    """One level above C2 (C2's centroid moved by the C3 -> C2 step) on C2's slices."""
+    by_level = {getattr(v, "level", None): v for v in scan.vertebrae}
+    c2, c3 = by_level.get("C2"), by_level.get("C3")
+    if c2 is None or c3 is None or not c2.polygons or not c3.polygons:
+        return {}
+    step = np.asarray(c2.centroid[1:], float) - np.asarray(c3.centroid[1:], float)
+    return {int(s): [np.asarray(q, float).mean(axis=0) + step] for s, q in c2.polygons.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +309,10 @@ def augment_intensity(x: np.ndarray, valid: np.ndarray, rng: np.random.Generator
     return _normalize(x.astype(np.float32), valid)
 
 
+#: Share of a scan's tiles centred on its hard-negative focus (:attr:`TrainScan.focus`), where it has one.
+FOCUS_P = 0.25
+
+
 def sample_tile(scan: TrainScan, s: int, rng: np.random.Generator, size: int, mm_per_px: float,
                 tcfg: TargetConfig | None = None, augment: bool = True):
     """One training tile from slice ``s`` of ``scan``: (image (H,W), heat (5,H,W), vec (8,H,W),
@@ -306,7 +326,11 @@ def sample_tile(scan: TrainScan, s: int, rng: np.random.Generator, size: int, mm
     frow = -1.0 if augment and rng.random() < 0.15 else 1.0
     fcol = -1.0 if augment and rng.random() < 0.5 else 1.0
     polys = scan.polys.get(s, [])
-    if polys and rng.random() < 0.85:
+    focus = scan.focus.get(s, [])
+    if focus and rng.random() < FOCUS_P:
+        centre = np.asarray(focus[rng.integers(len(focus))], float)
+        centre = centre + rng.uniform(-0.25, 0.25, 2) * size * mmpp / np.array([sr, sc])
+    elif polys and rng.random() < 0.85:
         centre = np.asarray(polys[rng.integers(len(polys))]).mean(axis=0)
         jitter = rng.uniform(-0.4, 0.4, 2) * size * mmpp
         centre = centre + jitter / np.array([sr, sc])
@@ -484,6 +508,7 @@ def train(out_path: str | Path = DEFAULT_OUT, *, steps: int = 1500, minutes: flo
         "recipe": {"steps": steps, "batch_size": batch_size, "crop_px": crop_px, "lr": lr, "seed": seed,
                    "n_synthetic": len(syn_scans), "n_public_lumbar_train": len(pl_scans),
                    "synthetic_weight": synthetic_weight, "threads": threads, "bf16_autocast": bf16,
+                   "craniocervical_focus_p": FOCUS_P, "init": Path(init).name if init else None,
                    "data_workers": workers,
                    "target": tcfg.__dict__, "optimizer": "AdamW(wd=1e-4), OneCycle"},
         "torch": str(torch.__version__),

@@ -603,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--minutes", type=float, default=None, help="per-network wall-clock limit")
     p.add_argument("--public-lumbar", default=None)
-    p.add_argument("--detector", default="models/detector-cpu-v1.pt",
+    p.add_argument("--detector", default="models/detector-cpu-v2.pt",
                    help="detector used to find S1/T12 on public-lumbar training cases (skipped if absent)")
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
