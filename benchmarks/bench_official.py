@@ -22,7 +22,16 @@ shared and the reference figures come from another machine
 
 Usage: ``python benchmarks/bench_official.py [--runs 3] [--threads 2] [--det-batch 4,15,60] [--only detector]``
 
-Measured on the shared 2-vCPU dev machine (load 5-8 from other jobs, so wall times were inflated
+Measured 2026-11-22 on the shared 2-vCPU dev machine (Intel Xeon with AMX; ``--det-batch 8,15
+--grade-batch 1,6``; sgemm 138-221 GFLOP/s during the run, 309 when idle earlier): reference-like
+detector 35.5 s + grading 14.4 s = 49.9 s per scan; float32 best 29.2 + 9.0 = 38.3 s (1.31x);
+bfloat16 (``models.precision``) 10.5 + 3.0 = 13.5 s (3.69x the reference-like run, 1.55x the
+reference file's 20.9 s from another machine). Earlier the same day, with sgemm at 309 GFLOP/s,
+the bfloat16 detector took 4.8 s per scan (batch 15), i.e. ~7.8 s per scan in all (2.7x the
+reference file). bfloat16 vs float32 outputs: max |diff| 2.4 % (detector maps) and 1.0 %
+(grading logits) of the output range; the same argmax grade for 6/6 discs.
+
+An older measurement (load 5-8 from other jobs, so wall times were inflated
 ~3-4x; cpu/thread = process CPU seconds / 2 threads, an estimate of idle-machine wall time):
 detector reference-like 55.8 s, batch 4 47.9 s (BN folded), batch 12 34.1 s, batch 20 31.8 s,
 batch 60 28.5 s (1.96x); grading reference-like 13.1 s, oneDNN NDHWC + BN folded 10.1 s (1.30x);
