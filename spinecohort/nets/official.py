@@ -550,9 +550,9 @@ def to_precision(model: nn.Module, precision: str = "float32") -> nn.Module:
     ``float32`` leaves it unchanged (the numbers equal the reference). ``bfloat16`` folds the
     BatchNorms that follow convolutions in float32 first (so the statistics are not rounded
     twice), then stores every parameter in bfloat16 in the CPU's fastest layout: on CPUs with
-    AMX / AVX512-BF16, oneDNN then runs the detector ~6x and grading ~3.5x faster than float32
+    AMX / AVX512-BF16, oneDNN then runs the detector and grading ~3x faster than float32
     (``benchmarks/bench_official.py``), at bfloat16's ~3 significant digits (outputs differ from
-    float32 by ~1 % of their range). Inputs are cast by the stage wrappers (:func:`param_dtype`).
+    float32 by ~1-3 % of their range). Inputs are cast by the stage wrappers (:func:`param_dtype`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
