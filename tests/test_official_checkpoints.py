@@ -28,14 +28,7 @@ from spinecohort.nets.official import (
 )
 
 MANIFEST = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "spinenet-official-checkpoints.json"
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(min(2, old))
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_threads")
 
 
 def _sha(path: Path) -> str:

@@ -30,10 +30,11 @@ REF = SHARED / "reference"
 NPZ = REF / "spinenet-equivalence.npz"
 MANIFEST = REF / "spinenet-official-checkpoints.json"
 
-pytestmark = pytest.mark.skipif(
-    not NPZ.is_file() or not MANIFEST.is_file(),
-    reason=f"shared reference fixtures not found at {REF} (../shared beside the repository)",
-)
+pytestmark = [
+    pytest.mark.skipif(not NPZ.is_file() or not MANIFEST.is_file(),
+                       reason=f"shared reference fixtures not found at {REF} (../shared beside the repository)"),
+    pytest.mark.usefixtures("torch_threads"),
+]
 
 # Section 8 tolerances.
 ELEM_TOL = 1e-4  # max |y - vals| <= ELEM_TOL * max |vals| over the stored indices
@@ -49,12 +50,6 @@ def fixtures():
     return data, manifest
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(min(2, old))
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("name", OFFICIAL_NAMES)

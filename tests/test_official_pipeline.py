@@ -43,6 +43,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (REF / "spinenet-official-checkpoints.json").is_file(),
                        reason=f"shared reference (official checkpoint manifest, weight recipe) not found at {REF}"),
+    pytest.mark.usefixtures("torch_threads"),
 ]
 
 NET_MM = 260.0 / 224.0  # the official detector's pixel size: the phantom is not resampled
@@ -55,13 +56,6 @@ DISC_COLUMNS = ["scan_id", "subject_id", "site", "level", "upper_vertebra_id", "
                 "centre_slice", "centre_row", "centre_col",
                 *[c for t in TASK_NAMES for c in (t, f"{t}_probs")], "model_id"]
 ALL_DISCS = [disc_name(LEVELS[i + 1], LEVELS[i]) for i in range(len(LEVELS) - 1)]
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)  # the stages set the config's thread count process-wide
 
 
 # --------------------------------------------------------------------------- checkpoint folders

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from . import ProgressLog
 from ..detect import (
     CHANNEL_CORNER,
     FLIP_COLS_PERM,
@@ -463,14 +464,7 @@ def train(out_path: str | Path = DEFAULT_OUT, *, steps: int = 1500, minutes: flo
     torch.set_num_threads(max(1, int(threads)))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    log_file = open(log_path, "a") if log_path else None
-
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        if log_file:
-            log_file.write(line + "\n")
-            log_file.flush()
+    log = ProgressLog(log_path)
 
     cfg = config or DetectorConfig(arch="cpu-unet", arch_kwargs=dict(DEFAULT_ARCH_KWARGS))
     t_start = time.time()
@@ -558,8 +552,7 @@ def train(out_path: str | Path = DEFAULT_OUT, *, steps: int = 1500, minutes: flo
         meta["calibration"] = {"best": cal["best"]}
         save_checkpoint(out_path, det.net, det.config, meta)
     log(f"saved {out_path} after {step} steps, {(time.time() - t_start) / 60:.1f} min in total")
-    if log_file:
-        log_file.close()
+    log.close()
     return meta
 
 

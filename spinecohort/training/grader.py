@@ -69,6 +69,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from . import ProgressLog
 from ..discs import IVV_SHAPE, extract_ivvs, save_ivvs, vertebrae_from_synthetic
 from ..nets.grader_cpu import DEFAULT_ARCH
 from ..tasks import DEFAULT_GRADED_DISCS, TASKS
@@ -1199,13 +1200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(max(1, args.threads))
-    logf = open(args.log, "a", buffering=1) if args.log else None
-
-    def log(msg: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {msg}"
-        print(line, flush=True)
-        if logf:
-            logf.write(line + "\n")
+    log = ProgressLog(args.log)
 
     cfg = _config_from_args(args)
     readers = args.readers.split(",") if args.readers else None

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import ProgressLog
 from ..label import (
     AppearanceConfig,
     BeamConfig,
@@ -608,14 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
-    logf = open(args.log, "a") if args.log else None
-
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        if logf:
-            logf.write(line + "\n")
-            logf.flush()
+    log = ProgressLog(args.log)
 
     cache = Path(args.cache)
     acfg, ccfg = AppearanceConfig(), ContextConfig()
@@ -681,8 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_labeller_checkpoint(args.context_out, cnet, ccfg, meta)
         log(f"context saved to {args.context_out}")
     log(f"done in {time.time() - t_all:.0f} s")
-    if logf:
-        logf.close()
+    log.close()
     return 0
 
 
