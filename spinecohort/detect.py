@@ -118,6 +118,8 @@ class DetectorConfig:
     peak_mode: str = "component"                # "component" (one peak per connected component,
                                                 # as the reference) or "local_max" (every 3x3 maximum)
     batch_tiles: int = 32
+    flip_tta: bool = False                      # also run each tile mirrored anterior-posterior and
+                                                # average the maps (test-time augmentation)
     autocast_bf16: bool = False                 # bfloat16 inference (fast on AVX512-BF16/AMX CPUs)
 
     @classmethod
@@ -363,6 +365,19 @@ def normalize_tiles(tiles: torch.Tensor, low_pct: float = 0.5, high_pct: float =
     ptp = flat.max(dim=1).values - lo
     rng = torch.where(rng > 0, rng, ptp)
     return (tiles - lo[:, None, None]) / (rng[:, None, None] + 1e-9)
+
+
+#: Output channel c of a tile mirrored left-right (cols) holds channel COLS_MIRROR_CHANNELS[c] of
+#: the original: corner heatmaps rt<->lt, rb<->lb; the centroid stays; the vector channels follow
+#: their corners (the x components also change sign, see :func:`unmirror_maps`).
+COLS_MIRROR_CHANNELS = (3, 2, 1, 0, 4, 8, 7, 6, 5, 12, 11, 10, 9)
+
+
+def unmirror_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Network maps (C=13, rows, cols) of a cols-mirrored tile -> maps of the original tile."""
+    out = maps.flip(-1)[list(COLS_MIRROR_CHANNELS)]
+    out[5:9] = -out[5:9]
+    return out
 
 
 def merge_tiles(outputs: Sequence[torch.Tensor], boxes: Sequence[tuple[int, int, int, int]],
@@ -701,6 +716,9 @@ class Detector:
                     tiles.append(crops[s])
                     index.append((vi, s, bi))
         outputs = self._forward(tiles)
+        if cfg.flip_tta:
+            mirrored = self._forward([t.flip(-1) for t in tiles])
+            outputs = [(o + unmirror_maps(m)) / 2 for o, m in zip(outputs, mirrored)]
         per: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
         for (vi, s, bi), o in zip(index, outputs):
             per.setdefault((vi, s), {})[bi] = o

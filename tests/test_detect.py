@@ -24,6 +24,7 @@ from spinecohort.detect import (
     point_in_quad,
     polygon_iou,
     save_checkpoint,
+    unmirror_maps,
 )
 from spinecohort.training.detector import TargetConfig, detection_loss, make_targets
 
@@ -62,6 +63,23 @@ def test_targets_decode_roundtrip():
     for p in polys:
         best = max(quads, key=lambda q: polygon_iou(q.quad, p))
         assert np.abs(best.quad - p).max() < 1.0
+
+
+def test_unmirror_maps_inverts_an_anterior_posterior_mirror():
+    """The maps of a cols-mirrored tile, unmirrored, are the original tile's maps (corner
+    channels swap sides, x arrows change sign), so flip test-time augmentation can average them."""
+    polys = [_quad(40 + i * 30, 70 + i * 6, 22, 30, 0.2 - 0.1 * i) for i in range(4)]
+    width = 160
+    mirrored = [(p * [1, -1] + [0, width - 1])[[1, 0, 3, 2]] for p in polys]  # still geometric order
+    heat, vec, _ = make_targets(polys, (192, width))
+    heat_m, vec_m, _ = make_targets(mirrored, (192, width))
+    maps = torch.from_numpy(np.concatenate([heat, vec]))
+    back = unmirror_maps(torch.from_numpy(np.concatenate([heat_m, vec_m])))
+    assert torch.allclose(back, maps, atol=1e-3)  # (targets are cut off 3 sigma out, asymmetrically)
+    quads = decode_slice(((maps + back) / 2).numpy(), DetectorConfig())
+    assert len(quads) == len(polys)
+    for p in polys:
+        assert min(np.abs(q.quad - p).max() for q in quads) < 1.0
 
 
 def test_decode_rebuilds_one_missing_corner_and_drops_two():

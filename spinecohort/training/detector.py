@@ -454,19 +454,22 @@ def train(out_path: str | Path = DEFAULT_OUT, *, steps: int = 1500, minutes: flo
           lr: float = 2e-3, threads: int = 1, synthetic_weight: float = 0.5,
           config: DetectorConfig | None = None, init: str | Path | None = None,
           checkpoint_every: int = 250, bf16: bool = True, calibrate: bool = True,
-          workers: int = 1) -> dict[str, Any]:
+          workers: int = 1, flip_tta: bool = False) -> dict[str, Any]:
     """Train the CPU detector and save it to ``out_path`` (fp16 weights + config + meta).
 
     ``steps`` fixes the schedule (one-cycle); ``minutes`` stops early if the wall clock runs out
     (the checkpoint then holds the weights reached so far). Deterministic for a given seed and
     thread count. ``bf16``: bfloat16 autocast and channels-last tensors (much faster on CPUs
-    with AVX-512-BF16/AMX; the loss stays float32)."""
+    with AVX-512-BF16/AMX; the loss stays float32). ``flip_tta``: the saved detector averages each
+    tile's maps with those of its anterior-posterior mirror (:attr:`DetectorConfig.flip_tta`),
+    and its thresholds are calibrated that way."""
     torch.set_num_threads(max(1, int(threads)))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     log = ProgressLog(log_path)
 
     cfg = config or DetectorConfig(arch="cpu-unet", arch_kwargs=dict(DEFAULT_ARCH_KWARGS))
+    cfg.flip_tta = bool(flip_tta)
     t_start = time.time()
     pl_scans = []
     try:
@@ -503,7 +506,7 @@ def train(out_path: str | Path = DEFAULT_OUT, *, steps: int = 1500, minutes: flo
                    "n_synthetic": len(syn_scans), "n_public_lumbar_train": len(pl_scans),
                    "synthetic_weight": synthetic_weight, "threads": threads, "bf16_autocast": bf16,
                    "craniocervical_focus_p": FOCUS_P, "init": Path(init).name if init else None,
-                   "data_workers": workers,
+                   "data_workers": workers, "flip_tta": bool(flip_tta),
                    "target": tcfg.__dict__, "optimizer": "AdamW(wd=1e-4), OneCycle"},
         "torch": str(torch.__version__),
     }
@@ -556,12 +559,19 @@ def train(out_path: str | Path = DEFAULT_OUT, *, steps: int = 1500, minutes: flo
     return meta
 
 
-def calibration_cases(seed: int = 0, public_lumbar_dir=None, n_public: int = 16, n_synthetic: int = 10,
+#: Seeds of the held-out validation phantoms used for threshold calibration: disjoint from the
+#: training phantoms (``seed * 100000 + i``) and from the evaluation phantoms (10_000_000 + ...).
+CALIBRATION_SEED_BASE = 20_000_000
+
+
+def calibration_cases(seed: int = 0, public_lumbar_dir=None, n_public: int = 16, n_synthetic: int = 15,
                       log=print) -> list:
-    """Cases from the TRAINING data for threshold calibration: every third public-lumbar training
-    case (up to ``n_public``) and the first ``n_synthetic`` training phantoms (same seeds and
-    fields of view as :func:`make_synthetic_scans`)."""
-    from ..evaluation import public_lumbar_detection_cases, synthetic_case
+    """Cases for threshold calibration: every third public-lumbar training case (up to
+    ``n_public``) and ``n_synthetic`` held-out validation phantoms (seeds from
+    :data:`CALIBRATION_SEED_BASE`, every field of view and contrast). Validation phantoms rather
+    than training ones: the network fits its training phantoms more confidently than new scans,
+    so thresholds chosen there come out too high."""
+    from ..evaluation import public_lumbar_detection_cases, synthetic_detection_cases
 
     cases = []
     try:
@@ -570,17 +580,10 @@ def calibration_cases(seed: int = 0, public_lumbar_dir=None, n_public: int = 16,
         pass
     if n_synthetic > 0:
         try:
-            from .. import synthetic
+            cases += synthetic_detection_cases(n_synthetic, seed, base_seed=CALIBRATION_SEED_BASE)
         except ImportError:
-            synthetic = None
-        if synthetic is not None:
-            fovs = ("lumbar", "whole", "cervical", "lumbar", "whole")
-            contrasts = ("T1", "T2", "STIR")
-            for i in range(n_synthetic):
-                sc = synthetic.generate_scan(seed * 100000 + i, fov=fovs[i % len(fovs)],
-                                             contrast=contrasts[(i // len(fovs)) % len(contrasts)])
-                cases.append(synthetic_case(sc, f"synthetic-train-{i}"))
-    log(f"calibration: {len(cases)} training cases")
+            pass
+    log(f"calibration: {len(cases)} cases")
     return cases
 
 
@@ -620,7 +623,7 @@ def calibrate_thresholds(detector, cases, grid: Sequence[float] = (0.15, 0.2, 0.
     detector.config.min_score = float(best["min_score"])
     log(f"calibrated: corner threshold {best['corner']} centroid threshold {best['centroid']} min score "
         f"{best['min_score']} -> precision {best['precision']:.4f} recall {best['recall']:.4f} "
-        f"error {best['error_mm']:.2f} mm ({len(cases)} training cases)")
+        f"error {best['error_mm']:.2f} mm ({len(cases)} calibration cases)")
     return {"best": best, "table": table}
 
 
@@ -656,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--init", default=None, help="start from this checkpoint")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (slower)")
     p.add_argument("--no-calibrate", action="store_true", help="skip threshold calibration")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="the saved detector averages each tile with its anterior-posterior mirror")
     p.add_argument("--workers", type=int, default=1, help="0: draw tiles in the training process")
     p.add_argument("--calibrate-only", action="store_true",
                    help="only re-calibrate the thresholds of the checkpoint OUT (weights unchanged)")
@@ -667,7 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = train(a.out, steps=a.steps, minutes=a.minutes, seed=a.seed, n_synthetic=a.n_synthetic,
                  public_lumbar_dir=a.public_lumbar, log_path=a.log, batch_size=a.batch_size,
                  crop_px=a.crop, lr=a.lr, threads=a.threads, synthetic_weight=a.synthetic_weight,
-                 init=a.init, bf16=not a.no_bf16, calibrate=not a.no_calibrate, workers=a.workers)
+                 init=a.init, bf16=not a.no_bf16, calibrate=not a.no_calibrate, workers=a.workers,
+                 flip_tta=a.flip_tta)
     print(json.dumps({k: v for k, v in meta.items() if k != "recipe"}, default=str))
     return 0
 
