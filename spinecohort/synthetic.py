@@ -12,8 +12,9 @@ the level labeller and the disc grader, so:
 * anatomy is level specific: sacrum (S1 plus fused S2-S5 segments curving posteriorly,
   alae on parasagittal slices), large lumbar bodies, smaller thoracic bodies with rib heads,
   necks and transverse processes on parasagittal slices, small cervical bodies, C2 with the
-  dens, C1 arches, clivus and the posterior fossa; discs thin in the thoracic spine and
-  wedge-shaped at L5-S1; the cord ends at about L1 (conus, then cauda equina roots);
+  dens (fused to the body: no cortex between them), C1 arches, clivus and the posterior
+  fossa; discs thin in the thoracic spine and wedge-shaped at L5-S1; the cord ends at
+  about L1 (conus, then cauda equina roots);
 * every disc carries grades for all tasks in :data:`spinecohort.tasks.TASKS`, drawn from a
   latent degeneration model calibrated to Genodisc-like prevalences over lumbar discs
   (:data:`TARGET_PREVALENCE`), and each grade changes the image: Pfirrmann (nucleus
@@ -1462,6 +1463,17 @@ class _Scene:
         dh = 15.0 * sc
         C = _box_corners(v.c, v.t, v.n, v.h / 2 - 2.0, v.h / 2 + dh, -v.w / 2 + 2.0 * sc, -v.w / 2 + 12.0 * sc)
         _paint_bone(cv, C, 4.0 * sc, marrow, self.tis["cortex"], 1.0, cov)
+        # the dens is fused to the body (no cortex or endplate between them in an adult): marrow
+        # runs through the junction, so the dens does not look like a separate small vertebra
+        ct = 1.0
+        J = _box_corners(v.c, v.t, v.n, v.h / 2 - 4.0, v.h / 2 + 3.0, -v.w / 2 + 2.0 * sc + ct,
+                         -v.w / 2 + 12.0 * sc - ct)
+        got = cv.patch(J, 1.0 + 2 * cv.sp + 1.0)
+        if got is not None:
+            sl, py, px = got
+            A, _, _, nrm = _edges(J)
+            inside = np.clip(0.5 - _rounded_sdf(_edge_dists(py, px, A, nrm), 1.0) / cv.sp, 0.0, 1.0) * cov
+            cv.blend(sl, inside, marrow if np.isscalar(marrow) else marrow[sl])
 
     def _skull_base(self, cv, x, marrow):
         """C1 arches / lateral masses, clivus and occipital bone above C2."""

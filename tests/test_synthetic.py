@@ -237,6 +237,26 @@ def test_t1_intensities_inside_polygons():
     assert canal_value(t2) > 1.5 * t2_marrow
 
 
+@pytest.mark.parametrize("contrast", ["T1", "T2"])
+def test_dens_is_fused_to_the_c2_body(contrast):
+    """The dens rises from C2's body without a cortical line between them (adult anatomy), so it
+    does not look like a separate small vertebra; the C2-C3 disc below stays a dark gap."""
+    s = full("cervical", contrast)
+    k, img, sp = s.midline_slice, s.volume[s.midline_slice], s.pixel_spacing_mm
+    P = {v.level: v for v in s.vertebrae}["C2"].polygons[k]
+    posterior = (P[1] - P[0]) / np.hypot(*(P[1] - P[0]))
+    cranial = (P[0] - P[3]) / np.hypot(*(P[0] - P[3]))
+
+    def darkest_across(point):  # along the body axis, 3 mm either side of ``point``
+        return min(img[tuple(np.round(point + cranial * t / sp).astype(int))] for t in np.arange(-3, 3.01, 0.25))
+
+    core = img[tuple(np.round(P.mean(axis=0)).astype(int))]
+    under_dens = P[1] - posterior * (7.0 / sp)  # superior endplate, 7 mm in from the posterior wall
+    assert darkest_across(under_dens) > 0.6 * core
+    below_c2 = (P[2] + P[3]) / 2 - cranial * (2.0 / sp)  # into the C2-C3 disc
+    assert darkest_across(below_c2) < 0.4 * core
+
+
 # ----------------------------------------------------------------------------- grades
 def test_grade_model_prevalence_matches_targets():
     rng = np.random.default_rng(0)
