@@ -17,7 +17,10 @@ Architecture (a slim 3-D ResNet in the spirit of SpineNetV2's grading network, s
   global average and global max pooling concatenated; ``"quadrants"``: projection to 64
   channels, average and max pooling over each quadrant of the (rows, cols) plane (upper/lower
   x anterior/posterior; all slices), so the feature keeps *where* a finding is: the upper vs
-  the lower endplate, the posterior canal vs the disc;
+  the lower endplate, the posterior canal vs the disc; ``"hybrid"``: projection to 128
+  channels, global average and max of all of them (256) plus quadrant average and max of the
+  first 32 (256): a finding on the quadrants' border (a herniation at the disc's mid-height)
+  keeps a whole-volume summary while the endplates keep their place;
 * one 2-layer MLP head per task (512 -> ``head_hidden`` -> classes, ReLU, dropout).
 
 Weights and activations are kept in ``channels_last_3d``, which is markedly faster on CPUs.
@@ -35,8 +38,9 @@ from ..tasks import TASKS
 __all__ = ["GraderCPU", "build_cpu_grader", "FEATURE_DIM", "DEFAULT_ARCH"]
 
 FEATURE_DIM = 512
-#: Feature pooling -> number of regions pooled separately.
-POOLS = {"global": 1, "quadrants": 4}
+#: Feature pooling -> channels after the 1x1x1 projection (x average/max x regions = FEATURE_DIM).
+POOL_WIDTH = {"global": 256, "quadrants": 64, "hybrid": 128}
+_HYBRID_QUADRANT_CHANNELS = 32
 
 
 def _pad(k: Sequence[int]) -> tuple[int, ...]:
@@ -80,8 +84,8 @@ class GraderCPU(nn.Module):
     def __init__(self, stem_width: int = 16, plan: Sequence[Sequence] = DEFAULT_PLAN, head_hidden: int = 128,
                  dropout: float = 0.2, pool: str = "global"):
         super().__init__()
-        if pool not in POOLS:
-            raise ValueError(f"unknown pool {pool!r}; expected one of {sorted(POOLS)}")
+        if pool not in POOL_WIDTH:
+            raise ValueError(f"unknown pool {pool!r}; expected one of {sorted(POOL_WIDTH)}")
         plan = [[int(c), [int(v) for v in st], [int(v) for v in k1], [int(v) for v in k2]] for c, st, k1, k2 in plan]
         self.arch = {"stem_width": int(stem_width), "plan": plan, "head_hidden": int(head_hidden),
                      "dropout": float(dropout), "pool": pool}
@@ -95,7 +99,7 @@ class GraderCPU(nn.Module):
             blocks.append(_Block(cin, cout, tuple(st), tuple(k1), tuple(k2)))
             cin = cout
         self.blocks = nn.Sequential(*blocks)
-        width = FEATURE_DIM // (2 * POOLS[pool])  # x (average, max) x regions = FEATURE_DIM
+        width = POOL_WIDTH[pool]
         self.project = nn.Sequential(
             nn.Conv3d(cin, width, 1, bias=False),
             nn.BatchNorm3d(width),
@@ -122,17 +126,24 @@ class GraderCPU(nn.Module):
         """(B, 1, 9, 112, 224) -> (B, 512): average and max pooled projection."""
         x = x.contiguous(memory_format=torch.channels_last_3d)
         y = self.project(self.blocks(self.stem(x)))
+        if self.pool == "quadrants":
+            return _quadrant_pool(y)
+        whole = torch.cat([y.mean(dim=(2, 3, 4)), y.amax(dim=(2, 3, 4))], dim=1)
         if self.pool == "global":
-            return torch.cat([y.mean(dim=(2, 3, 4)), y.amax(dim=(2, 3, 4))], dim=1)
-        avg = F.adaptive_avg_pool3d(y, (1, 2, 2)).flatten(1)
-        peak = F.adaptive_max_pool3d(y, (1, 2, 2)).flatten(1)
-        return torch.cat([avg, peak], dim=1)
+            return whole
+        return torch.cat([whole, _quadrant_pool(y[:, :_HYBRID_QUADRANT_CHANNELS])], dim=1)
 
     def classify(self, f: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(head(f) for head in self.heads)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.classify(self.features(x))
+
+
+def _quadrant_pool(y: torch.Tensor) -> torch.Tensor:
+    """(B, C, S, R, C') -> (B, 8C): average and max over each (upper/lower, anterior/posterior) quadrant."""
+    return torch.cat([F.adaptive_avg_pool3d(y, (1, 2, 2)).flatten(1),
+                      F.adaptive_max_pool3d(y, (1, 2, 2)).flatten(1)], dim=1)
 
 
 DEFAULT_ARCH = {"stem_width": 16, "plan": DEFAULT_PLAN, "head_hidden": 128, "dropout": 0.2, "pool": "quadrants"}

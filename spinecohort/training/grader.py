@@ -136,6 +136,7 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- data
+
 def _read_any(obj: pd.DataFrame | str | Path) -> pd.DataFrame:
     if isinstance(obj, pd.DataFrame):
         return obj.copy()
@@ -652,6 +653,14 @@ def _table_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+_POOL_CARD_TEXT = {
+    "global": "1x1x1 projection to 256 channels, global average + max pooling",
+    "quadrants": "1x1x1 projection to 64 channels, average + max pooling over each quadrant of the (rows, cols) plane",
+    "hybrid": ("1x1x1 projection to 128 channels, global average + max pooling of all of them plus average + max"
+               " pooling over each quadrant of the (rows, cols) plane of the first 32"),
+}
+
+
 def write_model_card(summary: dict[str, Any], path: str | Path, command: str) -> Path:
     """``models/grader-cpu-v2.md`` from :func:`train_synthetic`'s summary."""
     cfg = summary["config"]
@@ -681,9 +690,7 @@ def write_model_card(summary: dict[str, Any], path: str | Path, command: str) ->
         "",
         "`spinecohort.nets.grader_cpu.GraderCPU`: 3-D convolution stem (kernel 3x4x4, stride 1x4x4),",
         "three residual blocks (32/64/128 channels) with in-plane and slice striding, "
-        + ("1x1x1 projection to 64 channels, average + max pooling over each quadrant of the (rows, cols) plane"
-           if cfg["arch"].get("pool") == "quadrants" else
-           "1x1x1 projection to 256 channels, global average + max pooling"),
+        + _POOL_CARD_TEXT[cfg["arch"].get("pool", "global")],
         "-> 512-d feature, one 2-layer MLP head per task",
         f"(512 -> {cfg['arch']['head_hidden']} -> classes). Arch: `{json.dumps(cfg['arch'])}`.",
         "",
@@ -1179,7 +1186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--tta", type=int, default=4)
-    p.add_argument("--pool", choices=["global", "quadrants"], default=None,
+    p.add_argument("--pool", choices=["global", "quadrants", "hybrid"], default=None,
                    help="feature pooling of a new network (spinecohort.nets.grader_cpu; default: DEFAULT_ARCH's)")
     p.add_argument("--final", action="store_true", help="after CV, also train on all labelled discs -> OUT/grader.pt")
     p.add_argument("--synthetic", action="store_true", help="reproduce the shipped synthetic default")
