@@ -12,10 +12,12 @@ pixels. The stage:
    multiple of 32;
 2. runs all tiles (of one or several scans) in a few batched forward passes under
    ``torch.inference_mode()``;
-3. merges overlapping tiles by the median and decodes each slice: threshold, connected
-   components, one peak per component; each centroid takes, per corner type, the corner whose
-   arrow lands closest to it (within ``arrow_tolerance`` x the arrow length); one missing corner is
-   rebuilt from the opposite corner's arrow, more missing corners drop the centroid;
+3. merges overlapping tiles by the median (a tile does not vote within ``tile_margin`` of an
+   edge it shares with another tile, where it sees vertebrae cut) and decodes each slice:
+   threshold, connected components, one peak per component; each centroid takes, per corner
+   type, the corner whose arrow lands closest to it (within ``arrow_tolerance`` x the arrow
+   length); one missing corner is rebuilt from the opposite corner's arrow, more missing
+   corners drop the centroid;
 4. groups slice quadrilaterals across slices by polygon IoU (largest first) and removes
    single-slice detections.
 
@@ -99,6 +101,7 @@ class DetectorConfig:
     whole_threshold_mm: float = 450.0           # an axis longer than this uses whole-spine tiles
     whole_tile_mm: float = 500.0
     whole_overlap: float = 0.4
+    tile_margin: float = 0.1                    # a tile does not vote this close to an inner edge
     pad_multiple: int = 32
     norm_low_pct: float = 0.5
     norm_high_pct: float = 99.5
@@ -127,7 +130,7 @@ class DetectorConfig:
         """The official SpineNetV2 constants (26 cm tiles -> 224 px, 40 % overlap, thresholds
         0.6, arrow check 0.5 x length or 20 px, grouping IoU 0.2)."""
         return cls(arch="official", mm_per_px=260.0 / 224.0, tile_mm=260.0, overlap=0.4,
-                   max_single_mm=260.0, whole_threshold_mm=1e9, corner_threshold=0.6,
+                   max_single_mm=260.0, whole_threshold_mm=1e9, tile_margin=0.0, corner_threshold=0.6,
                    centroid_threshold=0.6, arrow_max_px=20.0, group_iou=0.2, batch_tiles=8)
 
     def to_dict(self) -> dict[str, Any]:
@@ -381,9 +384,14 @@ def unmirror_maps(maps: torch.Tensor) -> torch.Tensor:
 
 
 def merge_tiles(outputs: Sequence[torch.Tensor], boxes: Sequence[tuple[int, int, int, int]],
-                shape: tuple[int, int]) -> torch.Tensor:
+                shape: tuple[int, int], margin: float = 0.0) -> torch.Tensor:
     """Merge per-tile maps (C, rows, cols) into one (C, R', C') map; overlaps take the median
-    (the mean of the two middle values for an even count)."""
+    (the mean of the two middle values for an even count).
+
+    ``margin``: a tile does not vote within this fraction of its size from an edge it shares
+    with another tile (not at the image border): a vertebra cut by that edge is half seen there
+    and would halve the peaks of the tile that sees it whole. Pixels no trimmed tile covers
+    keep every tile's vote."""
     if len(outputs) == 1:
         r0, rh, c0, cw = boxes[0]
         if (r0, c0) == (0, 0) and (rh, cw) == tuple(shape):
@@ -394,6 +402,17 @@ def merge_tiles(outputs: Sequence[torch.Tensor], boxes: Sequence[tuple[int, int,
         stack[i, :, r0:r0 + rh, c0:c0 + cw] = o
     if len(outputs) == 1:
         return torch.nan_to_num(stack[0])
+    if margin > 0:
+        keep = torch.zeros(len(outputs), 1, *shape, dtype=torch.bool)
+        for i, (r0, rh, c0, cw) in enumerate(boxes):
+            mr, mc = int(round(margin * rh)), int(round(margin * cw))
+            top = r0 + (mr if r0 > 0 else 0)
+            bottom = r0 + rh - (mr if r0 + rh < shape[0] else 0)
+            left = c0 + (mc if c0 > 0 else 0)
+            right = c0 + cw - (mc if c0 + cw < shape[1] else 0)
+            keep[i, :, top:bottom, left:right] = True
+        keep |= ~keep.any(dim=0, keepdim=True)  # uncovered after trimming: every tile votes
+        stack = torch.where(keep, stack, torch.tensor(float("nan")))
     srt, _ = torch.sort(stack, dim=0)  # NaNs sort last
     count = (~torch.isnan(stack[:, :1])).sum(dim=0, keepdim=True).clamp(min=1)
     lo = torch.gather(srt, 0, ((count - 1) // 2).expand(1, ch, *shape))
@@ -726,7 +745,7 @@ class Detector:
         for vi, (res, factors, boxes) in enumerate(prepared):
             shape = tuple(res.shape[1:])
             maps = torch.stack([
-                merge_tiles([per[(vi, s)][bi] for bi in range(len(boxes))], boxes, shape)
+                merge_tiles([per[(vi, s)][bi] for bi in range(len(boxes))], boxes, shape, cfg.tile_margin)
                 for s in range(res.shape[0])
             ])
             results.append((maps, factors))

@@ -159,6 +159,19 @@ def test_plan_tiles_and_median_merge():
         cover[t[0]:t[0] + t[1], t[2]:t[2] + t[3]] += 1
     three = cover >= 3
     assert torch.allclose(merged[:, three], full[:, three])
+    # with a margin a tile does not vote next to an edge it shares with another tile, so a body
+    # cut by that edge (half seen, low output there) does not dilute the tile that sees it whole
+    cut = [o.clone() for o in outs]
+    r0, rh, c0, cw = tiles[1]  # starts inside the image along the rows
+    assert r0 > 0 or c0 > 0
+    edge = int(0.1 * (rh if r0 > 0 else cw))
+    if r0 > 0:
+        cut[1][:, :edge] = 0.0
+    else:
+        cut[1][:, :, :edge] = 0.0
+    assert torch.allclose(merge_tiles(cut, tiles, shape, margin=0.1), full)
+    assert not torch.allclose(merge_tiles(cut, tiles, shape), full)
+    assert torch.allclose(merge_tiles(outs, tiles, shape, margin=0.45), full)  # gaps fall back to all tiles
 
 
 def test_loss_masking_and_balance():
