@@ -4,7 +4,7 @@
 Reports the median wall time of ``Detector.detect`` over a few runs (after one warm-up call) and
 the process's peak resident memory. Target on the project's 2-core CPU: <= 3 s per series.
 
-    python benchmarks/bench_detect.py [--model models/detector-cpu-v2.pt] [--threads 2] [--repeats 5]
+    python benchmarks/bench_detect.py [--model CHECKPOINT] [--threads 2] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from spinecohort.detect import Detector  # noqa: E402
+from spinecohort.shipped import default_model_path  # noqa: E402
 
 
 def lumbar_series(seed: int = 7) -> tuple[np.ndarray, tuple[float, float], int]:
@@ -41,7 +42,7 @@ def lumbar_series(seed: int = 7) -> tuple[np.ndarray, tuple[float, float], int]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(REPO / "models" / "detector-cpu-v2.pt"))
+    p.add_argument("--model", default=str(default_model_path("detector")))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast inference")

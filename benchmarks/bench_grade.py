@@ -12,15 +12,15 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from spinecohort.discs import extract_ivvs, vertebrae_from_synthetic
 from spinecohort.grade import Grader
+from spinecohort.shipped import default_model_path
 from spinecohort.synthetic import generate_scan
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "grader-cpu-v2.pt"
+MODEL = default_model_path("grader")
 
 
 def main() -> None:

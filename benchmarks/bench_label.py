@@ -7,15 +7,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from spinecohort.detect import Detector
 from spinecohort.label import Labeller
+from spinecohort.shipped import default_model_path
 from spinecohort.synthetic import generate_scan
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -23,14 +22,14 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=4242)
-    p.add_argument("--detector", default=str(ROOT / "models" / "detector-cpu-v2.pt"))
+    p.add_argument("--detector", default=str(default_model_path("detector")))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     scan = generate_scan(args.seed, fov="lumbar", contrast="T2", n_slices=15, rows=512)
     assert scan.volume.shape == (15, 512, 512)
     sp = (scan.pixel_spacing_mm, scan.pixel_spacing_mm)
     detector = Detector.load(args.detector)
-    labeller = Labeller.load(ROOT / "models" / "appearance-cpu-v1.pt", ROOT / "models" / "context-cpu-v1.pt")
+    labeller = Labeller.load(default_model_path("appearance"), default_model_path("context"))
     total, det_t, lab_t = [], [], []
     for _ in range(args.runs + 1):  # the first run warms up
         t0 = time.perf_counter()

@@ -6,7 +6,6 @@ Run: .venv/bin/python benchmarks/bench_plan.py [--rows 10000] [--profile profile
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import subprocess

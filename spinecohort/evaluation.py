@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from .shipped import default_model
+
 __all__ = [
     "EvalBody",
     "DetectionCase",
@@ -250,7 +252,7 @@ def detection_main(argv: Sequence[str] | None = None) -> int:
     """``spinecohort evaluate detection``."""
     p = argparse.ArgumentParser(prog="spinecohort evaluate detection",
                                 description="Detection precision/recall/localisation error (SpineNet criterion).")
-    p.add_argument("--model", default=None, help="detector checkpoint (default: models/detector-cpu-v2.pt)")
+    p.add_argument("--model", default=None, help="detector checkpoint (default: the shipped one in models/)")
     p.add_argument("--public-lumbar", nargs="?", const="", default=None, metavar="DIR",
                    help="evaluate on public-lumbar (default folder ../shared/data/public-lumbar)")
     p.add_argument("--split", default="val", choices=("val", "train"))
@@ -269,7 +271,7 @@ def detection_main(argv: Sequence[str] | None = None) -> int:
     from .detect import Detector
 
     torch.set_num_threads(a.threads)
-    model = a.model or str(Path(__file__).resolve().parents[1] / "models" / "detector-cpu-v2.pt")
+    model = a.model or str(default_model("detector"))
     det = Detector.load(model)
     if a.public_lumbar is None and a.synthetic <= 0:
         p.error("nothing to evaluate: give --public-lumbar [DIR] and/or --synthetic N")

@@ -38,13 +38,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .shipped import default_model_path
 from .tasks import LEVEL_INDEX
 
 __all__ = ["level_ordinal", "match_bodies", "evaluate_scan", "evaluate_labelling", "main"]
 
-DEFAULT_DETECTOR = Path("models/detector-cpu-v2.pt")
-DEFAULT_APPEARANCE = Path("models/appearance-cpu-v1.pt")
-DEFAULT_CONTEXT = Path("models/context-cpu-v1.pt")
 SEED_BASE = {"lumbar": 1_000_000, "whole": 2_000_000, "cervical": 3_000_000}
 _EXTRA_ORDINAL = {"S2": -1.0, "L6": 0.5, "T13": 5.5, "C1": 24.0}
 
@@ -248,9 +246,9 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="spinecohort evaluate labelling",
                                 description="IDR / IDR+-1 of detection + labelling and of labelling alone")
-    p.add_argument("--detector", default=str(DEFAULT_DETECTOR))
-    p.add_argument("--appearance", default=str(DEFAULT_APPEARANCE))
-    p.add_argument("--context", default=str(DEFAULT_CONTEXT))
+    p.add_argument("--detector", default=str(default_model_path("detector")))
+    p.add_argument("--appearance", default=str(default_model_path("appearance")))
+    p.add_argument("--context", default=str(default_model_path("context")))
     p.add_argument("--public-lumbar", default=None, help="public-lumbar folder (default ../shared/...)")
     p.add_argument("--datasets", nargs="*", default=None,
                    help="public-lumbar synthetic-lumbar synthetic-whole synthetic-cervical (default all)")

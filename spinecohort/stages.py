@@ -11,8 +11,7 @@ import pandas as pd
 from .ingest import Series
 from .pipeline import ScanContext, Stage, register_stage
 from .provenance import sha256_file
-
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+from .shipped import default_model
 
 
 def torch_device(config: Mapping[str, Any]) -> str:
@@ -23,14 +22,6 @@ def torch_device(config: Mapping[str, Any]) -> str:
     if wanted == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return wanted
-
-
-def default_model(name: str) -> Path:
-    """Path of a shipped default model, e.g. ``detector-cpu-v2.pt``."""
-    path = MODELS_DIR / name
-    if not path.exists():
-        raise FileNotFoundError(f"model file {path} is missing (the checkout's models/ folder)")
-    return path
 
 
 # ----------------------------------------------------------------------------- orientation
@@ -125,7 +116,7 @@ class DetectStage(Stage):
             self.detector = Detector.official(loaded.networks["detector"], device=self.device)
             self._models = loaded.provenance()
         else:
-            path = default_model("detector-cpu-v2.pt")
+            path = default_model("detector")
             self.detector = Detector.load(path, device=self.device)
             self._models = {path.stem: sha256_file(path)}
 
@@ -159,7 +150,7 @@ class LabelStage(Stage):
             self.labeller = Labeller.official(loaded.networks["appearance"], loaded.networks["context"], device=self.device)
             self._models = loaded.provenance()
         else:
-            paths = [default_model("appearance-cpu-v1.pt"), default_model("context-cpu-v1.pt")]
+            paths = [default_model("appearance"), default_model("context")]
             self.labeller = Labeller.load(*paths, device=self.device)
             self._models = {p.stem: sha256_file(p) for p in paths}
 
@@ -244,7 +235,7 @@ class GradeStage(Stage):
             self._models = loaded.provenance()
         else:
             custom = config["models"].get("grader")
-            path = Path(custom) if custom else default_model("grader-cpu-v2.pt")
+            path = Path(custom) if custom else default_model("grader")
             if not path.is_file():
                 raise FileNotFoundError(f"models.grader: grader checkpoint not found: {path}")
             self.grader = Grader.load(path, device=self.device)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,10 +25,10 @@ from spinecohort.detect import (
     save_checkpoint,
     unmirror_maps,
 )
+from spinecohort.shipped import default_model_path
 from spinecohort.training.detector import TargetConfig, detection_loss, make_targets
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "models" / "detector-cpu-v2.pt"
+MODEL = default_model_path("detector")
 
 
 def _quad(r, c, h, w, tilt=0.0):

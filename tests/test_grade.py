@@ -2,7 +2,6 @@
 official wrapper's mapping, hotspots, the discs-table format, and a tiny CV smoke run."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,10 @@ from torch import nn
 from spinecohort.discs import IVV_SHAPE
 from spinecohort.grade import (TTA_SHIFTS, Grader, grades_frame, hotspot_montage, save_grader, shift_volume,
                                tta_shifts)
+from spinecohort.shipped import default_model_path
 from spinecohort.tasks import TASKS
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "grader-cpu-v2.pt"
+MODEL = default_model_path("grader")
 
 
 def fake_ivvs(n=3, seed=0):
@@ -40,7 +40,7 @@ def grader():
 
 def test_shipped_weights_load_and_card(grader):
     assert MODEL.stat().st_size < 8 * 1024 * 1024
-    assert grader.kind == "cpu" and grader.model_id == "grader-cpu-v2"
+    assert grader.kind == "cpu" and grader.model_id == MODEL.stem
     assert "synthetic" in grader.meta.get("trained_on", "")
     card = MODEL.with_suffix(".md").read_text()
     from spinecohort.provenance import sha256_file
@@ -140,7 +140,7 @@ def test_grades_frame_feeds_agreement(grader):
     ivvs = fake_ivvs(2, seed=3)
     probs = grader.grade(ivvs, tta=2)
     keys = [{"scan_id": "s1", "level": "L4-L5"}, {"scan_id": "s1", "level": "L5-S1"}]
-    df = grades_frame(keys, probs, "grader-cpu-v2")
+    df = grades_frame(keys, probs, MODEL.stem)
     for t in TASKS:
         assert df[t.name].between(min(t.grades), max(t.grades)).all()
         assert all(len(p) == t.n_classes for p in df[f"{t.name}_probs"])
@@ -198,6 +198,6 @@ def test_grade_stage_uses_a_team_grader_from_the_config(grader, tmp_path):
     assert stage.model_id == "custom/grader.pt"
     assert stage.models() == {"custom/grader.pt": sha256_file(custom)}
     shipped = GradeStage(resolve_config({"outdir": str(tmp_path / "out")}))
-    assert shipped.model_id == "grader-cpu-v2"
+    assert shipped.model_id == MODEL.stem
     with pytest.raises(FileNotFoundError, match="models.grader"):
         GradeStage(resolve_config({"outdir": str(tmp_path / "out"), "models": {"grader": str(tmp_path / "none.pt")}}))

@@ -19,11 +19,11 @@ from spinecohort.label import (
     height_probability_map,
     vertebra_geometry,
 )
+from spinecohort.shipped import default_model_path
 from spinecohort.tasks import LEVEL_INDEX, LEVELS
 
-ROOT = Path(__file__).resolve().parents[1]
-APPEARANCE = ROOT / "models" / "appearance-cpu-v1.pt"
-CONTEXT = ROOT / "models" / "context-cpu-v1.pt"
+APPEARANCE = default_model_path("appearance")
+CONTEXT = default_model_path("context")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 

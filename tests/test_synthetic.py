@@ -304,7 +304,7 @@ def test_pfirrmann_changes_nucleus_signal_on_t2():
                 by_grade[d.grades["Pfirrmann"]].append(m / ref)
     healthy = np.mean(by_grade[1] + by_grade[2])
     degenerate = np.mean(by_grade[4] + by_grade[5])
-    print(f"\nnucleus/marrow on T2 by Pfirrmann: " + ", ".join(f"{g}:{np.mean(v):.2f}(n={len(v)})" for g, v in by_grade.items() if v))
+    print("\nnucleus/marrow on T2 by Pfirrmann: " + ", ".join(f"{g}:{np.mean(v):.2f}(n={len(v)})" for g, v in by_grade.items() if v))
     assert healthy > 1.5 * degenerate
     assert np.mean(by_grade[1]) > np.mean(by_grade[3]) > np.mean(by_grade[4] + by_grade[5])
 

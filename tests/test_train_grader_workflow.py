@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from spinecohort.pipeline import DISC_COLUMNS
+from spinecohort.shipped import default_model_path
 from spinecohort.tasks import TASK_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_train_grader_target_cross_validates_on_the_pipelines_own_discs(tmp_path
     payload = torch.load(cv / "grader.pt", map_location="cpu", weights_only=True)
     assert payload["format"] == "spinecohort-grader"
     assert payload["meta"]["trained_on"]["n_discs"] == len(labelled)
-    assert payload["meta"]["init_weights"]["id"] == "grader-cpu-v2"
+    assert payload["meta"]["init_weights"]["id"] == default_model_path("grader").stem
     grader = Grader.load(cv / "grader.pt")
     volumes, _ = load_ivvs(out / "work" / "ivv" / f"{oof['scan_id'].iloc[0]}.npz")
     probs = grader.grade([volumes[0]], tta=1)[0]

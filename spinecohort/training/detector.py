@@ -40,6 +40,7 @@ from ..detect import (
     polygon_area,
     save_checkpoint,
 )
+from ..shipped import default_model_path
 
 __all__ = [
     "TargetConfig",
@@ -54,7 +55,7 @@ __all__ = [
     "main",
 ]
 
-DEFAULT_OUT = Path("models/detector-cpu-v2.pt")
+DEFAULT_OUT = default_model_path("detector")
 DEFAULT_ARCH_KWARGS = {"widths": [16, 32, 64, 96, 128], "head_width": 16, "arrow_scale": 16.0,
                        "full_res_width": 16}
 #: Training slices are stored at this pixel size or finer (saves memory for 0.5 mm scans).

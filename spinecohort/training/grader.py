@@ -72,6 +72,7 @@ import pandas as pd
 from . import ProgressLog
 from ..discs import IVV_SHAPE, extract_ivvs, save_ivvs, vertebrae_from_synthetic
 from ..nets.grader_cpu import DEFAULT_ARCH
+from ..shipped import default_model_path
 from ..tasks import DEFAULT_GRADED_DISCS, TASKS
 
 __all__ = [
@@ -99,7 +100,7 @@ __all__ = [
 ]
 
 TASK_NAMES = tuple(t.name for t in TASKS)
-DEFAULT_OUT = Path("models/grader-cpu-v2.pt")
+DEFAULT_OUT = default_model_path("grader")
 DEFAULT_DATA_DIR = Path("/tmp/grader_data")
 DEFAULT_LOG = Path("/tmp/grader_train.log")
 SYNTH_TRAIN_SEEDS = (100_000, 100_800)  # [start, stop)
@@ -298,7 +299,6 @@ def augment_batch(x: "torch.Tensor", targets: list["torch.Tensor"], gen: "torch.
 
 # ----------------------------------------------------------------------------- training
 def _loss(logits, targets, weights, mask_sum_floor: float = 1.0):
-    import torch
     import torch.nn.functional as F
 
     total = 0.0
@@ -772,7 +772,7 @@ def train_synthetic(out: str | Path = DEFAULT_OUT, data_dir: str | Path = DEFAUL
     ``.eval.csv`` and ``.test_predictions.parquet``."""
     import torch
 
-    from ..grade import Grader, grades_frame, save_grader
+    from ..grade import grades_frame, save_grader
     from ..provenance import sha256_file
 
     cfg = config or TrainConfig()
@@ -827,20 +827,17 @@ def train_synthetic(out: str | Path = DEFAULT_OUT, data_dir: str | Path = DEFAUL
 # disc extraction, then the functions below, one rule each. Outputs go to <outdir>/grader_cv/.
 CV_DIR = "grader_cv"
 IVV_STAGE = "extract_discs"  # the stage whose rows and IVV files (work/ivv/<scan_id>.npz) are used
-SHIPPED_INIT = "grader-cpu-v2.pt"
 IVV_TABLE_COLUMNS = ["scan_id", "subject_id", "site", "level", "path", "upper_vertebra_id", "lower_vertebra_id",
                      "centre_slice", "centre_row", "centre_col"]
 
 
 def init_weights_path(value: str | None) -> Path | None:
-    """``grader_training: init_weights``: ``shipped`` -> the checkout's ``models/grader-cpu-v2.pt``,
+    """``grader_training: init_weights``: ``shipped`` -> the checkout's default grader,
     ``scratch`` (or None) -> None (random initialisation), anything else -> that path."""
     if value is None or value == "scratch":
         return None
     if value == "shipped":
-        from ..stages import MODELS_DIR
-
-        return MODELS_DIR / SHIPPED_INIT
+        return default_model_path("grader")
     return Path(value)
 
 
@@ -1180,7 +1177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (CV) or .pt file (--synthetic)")
     p.add_argument("--k", type=int, default=5, help="folds (patient level)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-weights", default=None, help="grader checkpoint to fine-tune from (e.g. models/grader-cpu-v2.pt)")
+    p.add_argument("--init-weights", default=None, help="grader checkpoint to fine-tune from (e.g. the shipped one in models/)")
     p.add_argument("--readers", default=None, help="comma-separated readers whose reads are the targets (default all)")
     p.add_argument("--steps", type=int, default=None, help="phase-A steps per model")
     p.add_argument("--head-epochs", type=int, default=None)

@@ -61,6 +61,7 @@ from ..label import (
     save_labeller_checkpoint,
     vertebra_geometry,
 )
+from ..shipped import default_model_path
 from ..tasks import LEVEL_INDEX, LEVELS
 
 __all__ = [
@@ -74,8 +75,8 @@ __all__ = [
 ]
 
 DEFAULT_CACHE = Path("/tmp/spinecohort-labeller-cache")
-DEFAULT_APPEARANCE = Path("models/appearance-cpu-v1.pt")
-DEFAULT_CONTEXT = Path("models/context-cpu-v1.pt")
+DEFAULT_APPEARANCE = default_model_path("appearance")
+DEFAULT_CONTEXT = default_model_path("context")
 FOV_PROBS = (("lumbar", 0.40), ("whole", 0.35), ("cervical", 0.25))
 Q_OFFSET, Q_SCALE = 0.5, 100.0   # uint8 storage of normalised volumes: q = (x + 0.5) * 100
 
@@ -604,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--minutes", type=float, default=None, help="per-network wall-clock limit")
     p.add_argument("--public-lumbar", default=None)
-    p.add_argument("--detector", default="models/detector-cpu-v2.pt",
+    p.add_argument("--detector", default=str(default_model_path("detector")),
                    help="detector used to find S1/T12 on public-lumbar training cases (skipped if absent)")
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
