@@ -10,7 +10,7 @@ DEFAULT_MODELS = {
     "detector": "detector-cpu-v2.pt",
     "appearance": "appearance-cpu-v1.pt",
     "context": "context-cpu-v1.pt",
-    "grader": "grader-cpu-v2.pt",
+    "grader": "grader-cpu-v3.pt",
 }
 
 

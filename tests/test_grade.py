@@ -201,3 +201,27 @@ def test_grade_stage_uses_a_team_grader_from_the_config(grader, tmp_path):
     assert shipped.model_id == MODEL.stem
     with pytest.raises(FileNotFoundError, match="models.grader"):
         GradeStage(resolve_config({"outdir": str(tmp_path / "out"), "models": {"grader": str(tmp_path / "none.pt")}}))
+
+
+@pytest.mark.parametrize("pool", ["global", "quadrants", "hybrid"])
+def test_feature_pooling_options(pool):
+    """Every pooling gives the 512-d feature; the quadrant parts tell where a finding is: the same
+    bright blob in the upper-posterior or the lower-anterior quadrant pools differently."""
+    from spinecohort.nets.grader_cpu import FEATURE_DIM, build_cpu_grader
+
+    torch.manual_seed(0)
+    net = build_cpu_grader(pool=pool).eval()
+    upper_posterior = torch.zeros(1, 1, *IVV_SHAPE)
+    upper_posterior[..., 10:30, 150:190] = 1.0
+    lower_anterior = torch.zeros(1, 1, *IVV_SHAPE)
+    lower_anterior[..., 82:102, 34:74] = 1.0
+    with torch.no_grad():
+        a, b = net.features(upper_posterior), net.features(lower_anterior)
+    assert a.shape == (1, FEATURE_DIM)
+    whole = 2 * net.project[0].out_channels  # global average + max block (absent for quadrants)
+    if pool == "quadrants":
+        assert not torch.allclose(a, b, atol=1e-3)
+    elif pool == "hybrid":
+        assert not torch.allclose(a[:, whole:], b[:, whole:], atol=1e-3)
+    with pytest.raises(ValueError):
+        build_cpu_grader(pool="nonsense")

@@ -28,7 +28,7 @@ times the learning rate; phase B is unchanged.
 
 Entry points
 ------------
-``train_synthetic(out, data_dir, ...)``: the shipped ``models/grader-cpu-v2.pt``: synthetic
+``train_synthetic(out, data_dir, ...)``: the shipped default grader: synthetic
 scans (:mod:`spinecohort.synthetic`) -> IVVs from the truth polygons -> labels = the two simulated
 reads (R1, R1-repeat; what a team with a repeat-read subset has), evaluated on a held-out
 synthetic cohort with disjoint seeds against R1, beside R1 vs R1-repeat.
@@ -45,7 +45,7 @@ agreement stage's code), :func:`run_final` and :func:`write_cv_model_card`; sett
 config's ``grader_training`` keys, outputs under ``<outdir>/grader_cv/``.
 
 ``main(argv)``: ``spinecohort train grader --ivv-table T --labels L --out DIR [--k 5 --seed S
---init-weights W --steps N --final]`` or ``--synthetic --out models/grader-cpu-v2.pt``.
+--init-weights W --steps N --final]`` or ``--synthetic --out models/grader-cpu-v3.pt``.
 
 Inputs: ``ivv_table`` (CSV/Parquet or DataFrame) with ``scan_id, subject_id, level, path``, path
 = the scan's ``.npz`` from :func:`spinecohort.discs.save_ivvs` (``volumes`` (n, 9, 112, 224),
@@ -103,7 +103,8 @@ TASK_NAMES = tuple(t.name for t in TASKS)
 DEFAULT_OUT = default_model_path("grader")
 DEFAULT_DATA_DIR = Path("/tmp/grader_data")
 DEFAULT_LOG = Path("/tmp/grader_train.log")
-SYNTH_TRAIN_SEEDS = (100_000, 100_800)  # [start, stop)
+SYNTH_TRAIN_SEEDS = (100_000, 101_600)  # [start, stop)
+SYNTH_STEPS = 8800  # phase-A steps of the shipped synthetic default (twice a team run's default)
 SYNTH_TEST_SEEDS = (900_000, 900_250)
 READS_SEED = {"train": 11, "test": 12}
 _FSL, _FSR = TASK_NAMES.index("ForaminalStenosisLeft"), TASK_NAMES.index("ForaminalStenosisRight")
@@ -1179,7 +1180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-weights", default=None, help="grader checkpoint to fine-tune from (e.g. the shipped one in models/)")
     p.add_argument("--readers", default=None, help="comma-separated readers whose reads are the targets (default all)")
-    p.add_argument("--steps", type=int, default=None, help="phase-A steps per model")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"phase-A steps per model (default {TrainConfig.steps}; {SYNTH_STEPS} with --synthetic)")
     p.add_argument("--head-epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--tta", type=int, default=4)
@@ -1209,6 +1211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = _config_from_args(args)
     readers = args.readers.split(",") if args.readers else None
     if args.synthetic:
+        if args.steps is None:
+            cfg.steps = SYNTH_STEPS
         command = ".venv/bin/python -m spinecohort.training.grader " + " ".join(list(sys.argv[1:] if argv is None else argv))
         train_synthetic(args.out, args.data_dir, cfg, train_seeds=tuple(args.train_seeds),
                         test_seeds=tuple(args.test_seeds), workers=args.workers, n_bootstrap=args.bootstrap, log=log,
