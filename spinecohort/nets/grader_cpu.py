@@ -20,7 +20,8 @@ Architecture (a slim 3-D ResNet in the spirit of SpineNetV2's grading network, s
   the lower endplate, the posterior canal vs the disc; ``"hybrid"``: projection to 128
   channels, global average and max of all of them (256) plus quadrant average and max of the
   first 32 (256): a finding on the quadrants' border (a herniation at the disc's mid-height)
-  keeps a whole-volume summary while the endplates keep their place;
+  keeps a whole-volume summary while the endplates keep their place (on the synthetic cohort
+  no better than ``"quadrants"``, see models/grader-cpu-v3.md);
 * one 2-layer MLP head per task (512 -> ``head_hidden`` -> classes, ReLU, dropout).
 
 Weights and activations are kept in ``channels_last_3d``, which is markedly faster on CPUs.
