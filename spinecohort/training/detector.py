@@ -22,7 +22,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -469,8 +469,8 @@ def train(out_path: str | Path = DEFAULT_OUT, *, steps: int = 1500, minutes: flo
     rng = np.random.default_rng(seed)
     log = ProgressLog(log_path)
 
-    cfg = config or DetectorConfig(arch="cpu-unet", arch_kwargs=dict(DEFAULT_ARCH_KWARGS))
-    cfg.flip_tta = bool(flip_tta)
+    cfg = replace(config or DetectorConfig(arch="cpu-unet", arch_kwargs=dict(DEFAULT_ARCH_KWARGS)),
+                  flip_tta=bool(flip_tta))  # a copy: the caller's config stays as it was
     t_start = time.time()
     pl_scans = []
     try:
