@@ -41,7 +41,7 @@ import numpy as np
 from .shipped import default_model_path
 from .tasks import LEVEL_INDEX
 
-__all__ = ["level_ordinal", "match_bodies", "evaluate_scan", "evaluate_labelling", "main"]
+__all__ = ["level_ordinal", "match_bodies", "gt_from_polys", "evaluate_scan", "evaluate_labelling", "main"]
 
 SEED_BASE = {"lumbar": 1_000_000, "whole": 2_000_000, "cervical": 3_000_000}
 _EXTRA_ORDINAL = {"S2": -1.0, "L6": 0.5, "T13": 5.5, "C1": 24.0}
@@ -85,7 +85,7 @@ def match_bodies(gt: Sequence[GTBody], det_centres_mm: np.ndarray) -> dict[int, 
     return out
 
 
-def _gt_from_polys(level, polygons, centroid, spacing, partial=False) -> GTBody:
+def gt_from_polys(level, polygons, centroid, spacing, partial=False) -> GTBody:
     from .label import vertebra_geometry
 
     g = vertebra_geometry(polygons, centroid)
@@ -142,19 +142,26 @@ def evaluate_scan(volume, spacing, slice_spacing, gt: Sequence[GTBody], labeller
             cor += bool(ok)
             w1 += bool(ok1)
             detail.append((gt[i].level, pred))
-        res[mode] = {"n": len(counted), "detected": det, "correct": cor, "within1": w1,
+        # the lowest counted body (L5 in a lumbar field of view): the anchor every disc name hangs on
+        bottom = max(counted, key=lambda i: gt[i].centre_mm[0]) if counted else None
+        bottom_ok = None
+        if bottom is not None:
+            j = match.get(bottom)
+            bottom_ok = bool(j is not None and labels[j][0] == gt[bottom].level)
+        res[mode] = {"n": len(counted), "detected": det, "correct": cor, "within1": w1, "bottom_ok": bottom_ok,
                      "n_detections": len(verts), "detect_s": t1 - t0, "label_s": t2 - t1,
                      "p_correct": p_ok, "p_wrong": p_bad,
                      "pairs": detail, "labels": [lab for lab, _ in labels]}
     return res
 
 
-def _public_lumbar_scans(root=None) -> Iterable[tuple[str, Any, tuple, float, list[GTBody]]]:
+def _public_lumbar_scans(root=None, split: str | None = "val", source: str | None = None
+                        ) -> Iterable[tuple[str, Any, tuple, float, list[GTBody]]]:
     from .publiclumbar import list_cases, load_case
 
-    for ref in list_cases(root, split="val"):
+    for ref in list_cases(root, split=split, source=source):
         case = load_case(ref)
-        gt = [_gt_from_polys(v.level, v.polygons, v.centroid, case.pixel_spacing_mm)
+        gt = [gt_from_polys(v.level, v.polygons, v.centroid, case.pixel_spacing_mm)
               for v in case.vertebrae if v.polygons and v.level in LEVEL_INDEX]
         gt.sort(key=lambda g: -g.centre_mm[0])
         yield ref.name, case.volume, case.pixel_spacing_mm, case.slice_spacing_mm, gt
@@ -168,7 +175,7 @@ def _synthetic_scans(fov: str, n: int, seed_base: int | None = None):
         seed = base + k
         scan = generate_scan(seed, fov=fov)
         sp = (scan.pixel_spacing_mm, scan.pixel_spacing_mm)
-        gt = [_gt_from_polys(v.level, v.polygons, v.centroid, sp, v.partial) for v in scan.vertebrae]
+        gt = [gt_from_polys(v.level, v.polygons, v.centroid, sp, v.partial) for v in scan.vertebrae]
         yield f"synthetic-{fov}-{seed}", scan.volume, sp, scan.slice_spacing_mm, gt
 
 
@@ -182,6 +189,8 @@ def _summary(rows: list[dict]) -> dict[str, Any]:
         det = sum(r["detected"] for r in rows)
         out["label_acc_detected"] = sum(r["correct"] for r in rows) / det if det else float("nan")
         out["scans_all_correct"] = float(np.mean([r["correct"] == r["n"] for r in rows]))
+        bottoms = [r["bottom_ok"] for r in rows if r.get("bottom_ok") is not None]
+        out["bottom_level_right"] = float(np.mean(bottoms)) if bottoms else float("nan")
         out["label_s_median"] = float(np.median([r["label_s"] for r in rows]))
         pc = [p for r in rows for p in r["p_correct"]]
         pw = [p for r in rows for p in r["p_wrong"]]
@@ -192,13 +201,17 @@ def _summary(rows: list[dict]) -> dict[str, Any]:
 
 def evaluate_labelling(labeller, detector=None, *, public_root=None, n_lumbar: int = 40, n_whole: int = 20,
                        n_cervical: int = 20, datasets: Sequence[str] | None = None,
-                       modes: Sequence[str] = ("end2end", "truth", "perturbed"), log=None) -> dict[str, Any]:
+                       modes: Sequence[str] = ("end2end", "truth", "perturbed"), log=None,
+                       public_split: str = "val") -> dict[str, Any]:
     """IDR / IDR+-1 per dataset and mode. Returns {"<dataset>/<mode>": summary, ...,
-    "scans": [per-scan rows]}. ``detector=None`` skips the end-to-end mode."""
+    "scans": [per-scan rows]}. ``detector=None`` skips the end-to-end mode.
+
+    ``public-lumbar:<site>`` (``vb2``, ``vb3``, ``ivd``) takes one site's cases; ``public_split``
+    ``"all"`` takes both splits (for a site a leave-one-site-out model never saw)."""
     datasets = list(datasets or ["public-lumbar", "synthetic-lumbar", "synthetic-whole", "synthetic-cervical"])
     sources = []
     for ds in datasets:
-        if ds == "public-lumbar":
+        if ds == "public-lumbar" or ds.startswith("public-lumbar:"):
             try:
                 from .publiclumbar import list_cases
 
@@ -207,7 +220,9 @@ def evaluate_labelling(labeller, detector=None, *, public_root=None, n_lumbar: i
                 if log:
                     log(f"skipping public-lumbar: {e}")
                 continue
-            sources.append((ds, _public_lumbar_scans(public_root)))
+            site = ds.split(":", 1)[1] if ":" in ds else None
+            split = None if public_split == "all" else public_split
+            sources.append((ds, _public_lumbar_scans(public_root, split, site)))
         elif ds.startswith("synthetic-"):
             fov = ds.split("-", 1)[1]
             n = {"lumbar": n_lumbar, "whole": n_whole, "cervical": n_cervical}[fov]
@@ -233,13 +248,13 @@ def evaluate_labelling(labeller, detector=None, *, public_root=None, n_lumbar: i
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"{'dataset/mode':34s} {'scans':>5s} {'bodies':>6s} {'detected':>8s} {'IDR':>7s} {'IDR+-1':>7s} "
-             f"{'lab|det':>7s} {'scans ok':>8s}"]
+             f"{'lab|det':>7s} {'scans ok':>8s} {'bottom':>7s}"]
     for k, v in result.items():
         if k == "scans" or not isinstance(v, dict) or "IDR" not in v:
             continue
         lines.append(f"{k:34s} {v['scans']:5d} {v['bodies']:6d} {100 * v['detected']:7.1f}% "
                      f"{100 * v['IDR']:6.1f}% {100 * v['IDR_within1']:6.1f}% {100 * v['label_acc_detected']:6.1f}% "
-                     f"{100 * v['scans_all_correct']:7.1f}%")
+                     f"{100 * v['scans_all_correct']:7.1f}% {100 * v.get('bottom_level_right', float('nan')):6.1f}%")
     return "\n".join(lines)
 
 
@@ -251,10 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--context", default=str(default_model_path("context")))
     p.add_argument("--public-lumbar", default=None, help="public-lumbar folder (default ../shared/...)")
     p.add_argument("--datasets", nargs="*", default=None,
-                   help="public-lumbar synthetic-lumbar synthetic-whole synthetic-cervical (default all)")
+                   help="public-lumbar (or public-lumbar:vb2 / :vb3 / :ivd, one site) synthetic-lumbar "
+                        "synthetic-whole synthetic-cervical (default all)")
     p.add_argument("--modes", nargs="*", default=["end2end", "truth", "perturbed"],
                    help="end2end (detector + labeller), truth (labeller on truth polygons), perturbed "
                         "(truth polygons jittered like a detector, each body dropped with p = 0.1)")
+    p.add_argument("--public-split", choices=["val", "train", "all"], default="val",
+                   help="public-lumbar cases to score (all: for a site a leave-one-site-out model never saw)")
     p.add_argument("--n-lumbar", type=int, default=40)
     p.add_argument("--n-whole", type=int, default=20)
     p.add_argument("--n-cervical", type=int, default=20)
@@ -280,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     res = evaluate_labelling(labeller, detector, public_root=args.public_lumbar, n_lumbar=args.n_lumbar,
                              n_whole=args.n_whole, n_cervical=args.n_cervical, datasets=args.datasets,
-                             modes=args.modes, log=log)
+                             modes=args.modes, log=log, public_split=args.public_split)
     print(format_table(res))
     print(f"({time.time() - t0:.0f} s)")
     if args.out:

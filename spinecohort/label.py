@@ -67,6 +67,9 @@ __all__ = [
     "ContextConfig",
     "BeamConfig",
     "BeamResult",
+    "LevelSummary",
+    "LEVEL_FLAGS",
+    "level_summary",
     "VertebraGeometry",
     "CHAIN",
     "vertebra_geometry",
@@ -459,6 +462,77 @@ def beam_search(emissions: np.ndarray, cfg: BeamConfig | None = None,
     return BeamResult(labels, [int(x) for x in best], probs, float(costs[0]), hyps)
 
 
+#: ``level_flags`` vocabulary (``tables/scans.parquet``), each a reason for a reviewer to look.
+LEVEL_FLAGS = {
+    "no_vertebrae_detected": "nothing was detected, so nothing was labelled",
+    "few_vertebrae": "fewer than 3 bodies: the sequence gives little context",
+    "no_sacrum_in_view": "lumbar levels without S1: the counting anchor is missing",
+    "counting_variant_suspected": "the decoding (or a close alternative) has L6, T13 or four lumbar vertebrae",
+    "low_confidence": "the labelling's posterior probability is below the threshold",
+}
+_LUMBAR = ("L1", "L2", "L3", "L4", "L5", "L6")
+_VARIANTS = ("L6", "T13")
+
+
+@dataclass
+class LevelSummary:
+    """Scan-level doubt about a labelling (``level_confidence``, ``level_flags`` in scans.parquet)."""
+
+    confidence: float                 # posterior of the chosen labelling, beam hypotheses pooled
+    flags: tuple[str, ...]            # keys of LEVEL_FLAGS, in that order
+
+    @property
+    def flags_text(self) -> str:
+        return ";".join(self.flags)
+
+
+def _has_variant(names: Sequence[str | None]) -> bool:
+    present = [n for n in names if n is not None]
+    if any(n in _VARIANTS for n in present):
+        return True
+    # four lumbar vertebrae: T12 directly followed (caudal first) by L2
+    return any(a == "L2" and b == "T12" for a, b in zip(present, present[1:]))
+
+
+def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weight: float = 0.2) -> LevelSummary:
+    """Doubt about one scan's labelling from its beam search (bodies caudal first).
+
+    ``confidence``: the summed posterior weight (softmax(-cost) over the final hypotheses) of the
+    hypotheses that give every body the chosen label, sacral segments below S1 (S2-S5, which no
+    disc is named after) excepted. A flag is raised for a transitional count in the chosen labelling
+    or in alternatives holding at least ``variant_weight`` of the posterior, for lumbar levels
+    without S1, for fewer than 3 bodies, and for ``confidence < min_confidence``."""
+    labels = list(result.labels)
+    if not any(lab is not None for lab in labels):
+        return LevelSummary(float("nan"), ("no_vertebrae_detected",))
+    confidence, variant_mass = 1.0, 0.0
+    if result.hypotheses:
+        costs = np.array([c for c, _ in result.hypotheses])
+        w = np.exp(-(costs - costs.min()))
+        w /= w.sum()
+        sacral = {"S2", "S3", "S4", "S5"}
+        keep = [i for i, lab in enumerate(labels) if lab is not None and lab not in sacral]
+        agree = 0.0
+        for wi, (_, seq) in zip(w, result.hypotheses):
+            names = [_CHAIN_NAMES[p] for p in seq]
+            if all(i < len(names) and names[i] == labels[i] for i in keep):
+                agree += wi
+            if _has_variant(names):
+                variant_mass += wi
+        confidence = float(agree)
+    flags = []
+    n_bodies = sum(lab is not None for lab in labels)
+    if n_bodies < 3:
+        flags.append("few_vertebrae")
+    if any(lab in _LUMBAR for lab in labels) and "S1" not in labels:
+        flags.append("no_sacrum_in_view")
+    if _has_variant(labels) or variant_mass >= variant_weight:
+        flags.append("counting_variant_suspected")
+    if confidence < min_confidence:
+        flags.append("low_confidence")
+    return LevelSummary(confidence, tuple(flags))
+
+
 def duplicate_groups(centres_mm: np.ndarray, spans_mm: np.ndarray, fraction: float = 0.4,
                      overlap: float = 0.6, weights: Sequence[float] | None = None) -> list[list[int]]:
     """Bodies (sorted caudal first) that duplicate the previous group's vertebra: centre closer than
@@ -568,6 +642,8 @@ class Labeller:
         #: torch threads while labelling (restored afterwards); the CPU networks are small and
         #: many-threaded small ops are slower, above all on a shared CPU. None = leave as set.
         self.threads: int | None = 1
+        #: a labelling whose posterior (LevelSummary.confidence) is below this is flagged
+        self.min_confidence = 0.7
 
     @classmethod
     def load(cls, appearance_path: str | Path, context_path: str | Path, device: str = "cpu",
@@ -664,11 +740,19 @@ class Labeller:
             for m in members:
                 labels[m], probs_out[m], pos[m] = lab, p, res_g.positions[gi]
         res = BeamResult(labels, pos, probs_out, res_g.cost, res_g.hypotheses)
-        return res, {"logits": logits, "groups": groups, "P": P, "P_refined": Pr, "emissions": em}
+        return res, {"logits": logits, "groups": groups, "P": P, "P_refined": Pr, "emissions": em,
+                     "summary": level_summary(res_g, self.min_confidence)}
 
     def label(self, volume: np.ndarray, pixel_spacing_mm: tuple[float, float], slice_spacing_mm: float,
               vertebrae: Sequence[Mapping[str, Any]]) -> list[tuple[str | None, float]]:
-        """(level, probability) per input body, in the input order.
+        """(level, probability) per input body, in the input order (:meth:`label_scan` without
+        the scan summary)."""
+        return self.label_scan(volume, pixel_spacing_mm, slice_spacing_mm, vertebrae)[0]
+
+    def label_scan(self, volume: np.ndarray, pixel_spacing_mm: tuple[float, float], slice_spacing_mm: float,
+                   vertebrae: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[str | None, float]], LevelSummary]:
+        """(level, probability) per input body, in the input order, and the scan's
+        :class:`LevelSummary` (confidence and flags).
 
         ``vertebrae``: dicts with ``polygons`` {slice: (4, 2) (row, col)} and ``centroid``
         (slice, row, col). A body without polygons is placed by its centroid (its appearance
@@ -687,13 +771,13 @@ class Labeller:
                 geoms.append(g)
                 idx.append(i)
         if not geoms:
-            return out
+            return out, level_summary(BeamResult([], [], [], 0.0))
         order = sorted(range(len(geoms)), key=lambda k: (-geoms[k].centroid[1], geoms[k].centroid[2]))
         prev = torch.get_num_threads()
         if self.threads and self.device.type == "cpu" and self.threads != prev:
             torch.set_num_threads(self.threads)
         try:
-            res, _ = self.label_geometries(vol, pixel_spacing_mm, [geoms[k] for k in order])
+            res, maps = self.label_geometries(vol, pixel_spacing_mm, [geoms[k] for k in order])
         finally:
             if torch.get_num_threads() != prev:
                 torch.set_num_threads(prev)
@@ -701,4 +785,4 @@ class Labeller:
             lab = res.labels[rank] if rank < len(res.labels) else None
             p = res.probabilities[rank] if rank < len(res.probabilities) else float("nan")
             out[idx[k]] = (lab, float(p) if lab is not None else float("nan"))
-        return out
+        return out, maps["summary"]

@@ -343,6 +343,8 @@ def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_
         for column in columns:
             if column not in rows.columns:
                 rows[column] = pd.Series(dtype=object)
+        if kind == "vertebrae":
+            rows = _move_level_summary(scans, rows)
         frames[kind] = rows[columns + [c for c in rows.columns if c not in columns]].reset_index(drop=True)
         counts = frames[kind].groupby("scan_id").size() if len(frames[kind]) else pd.Series(dtype=int)
         scans[f"n_{kind}"] = [int(counts.get(s, 0)) if status == "ok" else np.nan
@@ -355,6 +357,25 @@ def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_
         paths[kind] = outdir / "tables" / f"{kind}.parquet"
         write_table(frame, paths[kind], provenance)
     return paths
+
+
+def _move_level_summary(scans: pd.DataFrame, vertebrae: pd.DataFrame) -> pd.DataFrame:
+    """Put the label stage's per-scan ``level_confidence`` / ``level_flags`` (repeated on each of
+    a scan's vertebra rows) into ``scans`` (in place) and return the vertebrae without them. An ok
+    scan without vertebrae is flagged ``no_vertebrae_detected``; a failed scan gets null / ''."""
+    from .stages import SCAN_LEVEL_COLUMNS
+
+    confidence_column, flags_column = SCAN_LEVEL_COLUMNS
+    confidence, flags = {}, {}
+    if len(vertebrae) and confidence_column in vertebrae.columns:
+        first = vertebrae.drop_duplicates("scan_id")
+        confidence = dict(zip(first["scan_id"], first[confidence_column].astype(float)))
+        flags = dict(zip(first["scan_id"], first[flags_column].fillna("").astype(str)))
+    ok = scans["status"] == "ok"
+    scans[confidence_column] = [confidence.get(s, np.nan) if good else np.nan for s, good in zip(scans["scan_id"], ok)]
+    scans[flags_column] = [flags.get(s, "no_vertebrae_detected") if good else ""
+                           for s, good in zip(scans["scan_id"], ok)]
+    return vertebrae.drop(columns=[c for c in SCAN_LEVEL_COLUMNS if c in vertebrae.columns])
 
 
 def _vertebra_stage(stages: list[str]) -> str | None:

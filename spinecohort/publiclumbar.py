@@ -39,6 +39,7 @@ __all__ = [
     "quad_from_mask",
     "vertebrae_from_discs",
     "annotated_extent_lines",
+    "neighbour_bodies",
 ]
 
 #: A slice's cross-section counts as substantial when its area is at least this fraction of the
@@ -324,6 +325,65 @@ def annotated_extent_lines(structures: list[Structure], margin_px: float = 2.0
     bq = bottom.polygons[bottom.mid_slice]
     up = np.array([-margin_px, 0.0])
     return (tq[0] + up, tq[1] + up), (bq[3] - up, bq[2] - up)
+
+
+def neighbour_bodies(case: PublicLumbarCase, detections, low: float = 0.6, high: float = 1.5
+                     ) -> list[Structure]:
+    """The visible but unannotated bodies right next to the annotated span, from a detector's
+    output on the case: the detection right below the lowest annotated body becomes the next level
+    down (S1 below L5) and the one right above the highest the next level up (T12 above L1, T10
+    above T11), when its in-plane distance to that body is ``low``..``high`` times the median
+    spacing of the annotated bodies (and it matches no annotated body).
+
+    The README of the data says S1 lies directly below L5 (or the L5-S1 disc) in every case; this
+    is how its position is taken from the images rather than guessed, so that training can
+    supervise it (SpineNetV2 detects and labels S1). ``detections``: objects or dicts with
+    ``polygons`` {slice: (4, 2)} and ``centroid`` (slice, row, col). Returned structures are
+    ``derived=True`` with label -1.
+    """
+    from .tasks import LEVELS, LEVEL_INDEX
+
+    sp = np.asarray(case.pixel_spacing_mm, float)
+    verts = sorted((v for v in case.vertebrae if v.polygons and v.level in LEVEL_INDEX),
+                   key=lambda v: -v.centroid[1])  # caudal first
+    if len(verts) < 2:
+        return []
+
+    def get(d, key):
+        return d[key] if isinstance(d, dict) else getattr(d, key)
+
+    centres = np.array([[get(d, "centroid")[1], get(d, "centroid")[2]] for d in detections], float).reshape(-1, 2) * sp
+    annotated = np.array([[v.centroid[1], v.centroid[2]] for v in verts]) * sp
+    spacing = float(np.median(np.hypot(*np.diff(annotated, axis=0).T)))
+    # detections that are an annotated body (nearer to it than half the spacing) are not neighbours
+    taken = {j for j in range(len(centres))
+             if len(annotated) and np.min(np.hypot(*(annotated - centres[j]).T)) < 0.5 * spacing}
+    out = []
+    for end, step in ((verts[0], -1), (verts[-1], +1)):
+        lev = LEVEL_INDEX[end.level] + step
+        if not 0 <= lev < len(LEVELS):
+            continue
+        ref = np.array([end.centroid[1], end.centroid[2]]) * sp
+        cand = []
+        for j, c in enumerate(centres):
+            if j in taken:
+                continue
+            d = c - ref
+            dist = float(np.hypot(*d))
+            on_side = d[0] > 0 if step < 0 else d[0] < 0
+            if on_side and low * spacing <= dist <= high * spacing:
+                cand.append((dist, j))
+        if not cand:
+            continue
+        j = min(cand)[1]
+        polys = {int(k): np.asarray(q, float) for k, q in get(detections[j], "polygons").items()}
+        if not polys:
+            continue
+        c = get(detections[j], "centroid")
+        out.append(Structure(-1, LEVELS[lev], "vertebra", tuple(float(v) for v in c), polys,
+                             {k: int(round(polygon_area(q))) for k, q in polys.items()}, tuple(sorted(polys)), True))
+        taken.add(j)
+    return out
 
 
 def side_of_line(points: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:

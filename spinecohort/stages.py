@@ -130,6 +130,10 @@ class DetectStage(Stage):
 
 
 # ----------------------------------------------------------------------------- labelling
+#: per-scan labelling summary columns (label stage rows -> tables/scans.parquet)
+SCAN_LEVEL_COLUMNS = ("level_confidence", "level_flags")
+
+
 @register_stage
 class LabelStage(Stage):
     name = "label"
@@ -163,10 +167,13 @@ class LabelStage(Stage):
             return rows
         rows = rows.sort_values("vertebra_id").reset_index(drop=True)
         series = scan.series
-        labels = self.labeller.label(canonical_volume(series), series.pixel_spacing_mm, series.slice_spacing_mm,
-                                     canonical_vertebrae(scan, rows))
+        labels, summary = self.labeller.label_scan(canonical_volume(series), series.pixel_spacing_mm,
+                                                   series.slice_spacing_mm, canonical_vertebrae(scan, rows))
         rows["level"] = [level for level, _ in labels]
         rows["level_probability"] = [float(probability) for _, probability in labels]
+        # scan-level doubt, carried on each row and moved to scans.parquet by the cohort tables
+        rows[SCAN_LEVEL_COLUMNS[0]] = float(summary.confidence)
+        rows[SCAN_LEVEL_COLUMNS[1]] = summary.flags_text
         return rows
 
 

@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from spinecohort.label import (
+    CHAIN,
+    LEVEL_FLAGS,
     AppearanceConfig,
     BeamConfig,
-    CHAIN,
     Labeller,
     beam_search,
     extract_appearance_volume,
     gap_ratios,
     height_probability_map,
+    level_summary,
     vertebra_geometry,
 )
 from spinecohort.shipped import default_model_path
@@ -161,6 +163,48 @@ def test_one_vertebra_low_confidence():
     res = beam_search(np.full((1, 24), 1 / 24))
     assert len(res.labels) == 1 and res.probabilities[0] < 0.2
     assert beam_search(np.zeros((0, 24))).labels == []
+
+
+def _summary(levels, spacings, **kw):
+    E = kw.pop("E", None)
+    return level_summary(beam_search(emissions(levels) if E is None else E, gaps=gap_ratios(centres(spacings))), **kw)
+
+
+def test_level_summary_clear_lumbar_scan_with_s1_is_not_flagged():
+    summary = _summary(["S1", "L5", "L4", "L3", "L2", "L1", "T12"], [38] * 6)
+    assert summary.flags == () and summary.confidence > 0.9
+
+
+def test_level_summary_flags_a_missing_sacrum():
+    summary = _summary(["L5", "L4", "L3", "L2", "L1", "T12", "T11"], [38] * 6)
+    assert "no_sacrum_in_view" in summary.flags
+    # a thoracic field of view is not expected to show the sacrum
+    assert "no_sacrum_in_view" not in _summary(["T12", "T11", "T10", "T9"], [30] * 3).flags
+
+
+def test_level_summary_flags_counting_variants():
+    E = emissions(["S1", "L5", "L5", "L4", "L3", "L2", "L1", "T12", "T11"])
+    E[1:3, 0] = 1e-3
+    six = _summary(None, [38] * 8, E=E)
+    assert "counting_variant_suspected" in six.flags
+    t13 = _summary(["L2", "L1", "T12", "T12", "T11", "T10"], [36, 32, 30, 28, 27])
+    assert "counting_variant_suspected" in t13.flags
+    four = _summary(["S1", "L5", "L4", "L3", "L2", "T12", "T11"], [38] * 6)
+    assert "counting_variant_suspected" in four.flags
+
+
+def test_level_summary_one_body_and_ambiguous_scans_are_flagged():
+    E = np.full((1, 24), 1e-3)
+    E[0, 1:6] = 0.2
+    one = level_summary(beam_search(E))
+    assert "few_vertebrae" in one.flags and "low_confidence" in one.flags and one.confidence < 0.5
+    # every body ambiguous between two counts: the posterior is split, the scan flagged
+    levels = ["S1", "L5", "L4", "L3", "L2", "L1"]
+    E = 0.5 * emissions(levels) + 0.5 * emissions(["L5", "L4", "L3", "L2", "L1", "T12"])
+    assert "low_confidence" in _summary(None, [38] * 5, E=E).flags
+    empty = level_summary(beam_search(np.zeros((0, 24))))
+    assert empty.flags == ("no_vertebrae_detected",) and math.isnan(empty.confidence)
+    assert set(one.flags) <= set(LEVEL_FLAGS)
 
 
 def test_more_bodies_than_levels_does_not_crash():

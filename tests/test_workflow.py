@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from spinecohort.label import LEVEL_FLAGS
 from spinecohort.provenance import read_provenance
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +23,10 @@ def test_snakemake_demo_end_to_end(tmp_path):
     scans = pd.read_parquet(out / "tables" / "scans.parquet")
     assert list(scans["scan_id"]) == ["demo0000", "demo0001", "demo0002"]
     assert (scans["status"] == "ok").all(), scans[["scan_id", "error"]]
+    # labelling doubt per scan: a posterior in [0, 1] and flags from the documented vocabulary
+    assert scans["level_confidence"].between(0, 1).all(), scans["level_confidence"]
+    assert all(set(filter(None, flags.split(";"))) <= set(LEVEL_FLAGS) for flags in scans["level_flags"])
+    assert "level_confidence" not in pd.read_parquet(out / "tables" / "vertebrae.parquet").columns
     for scan_id in scans["scan_id"]:
         assert (out / "report" / "qc" / f"{scan_id}.png").exists()
     html = (out / "report" / "validation.html").read_text()

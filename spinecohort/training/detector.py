@@ -198,13 +198,14 @@ def _downsample_for_storage(volume: np.ndarray, spacing: tuple[float, float], po
     return vol.astype(np.float16), (sr / ar, sc / ac), polys, boxes, lines, focus
 
 
-def scan_from_public_lumbar(case, dilate: float = 3.0, margin_px: float = 2.0) -> TrainScan:
+def scan_from_public_lumbar(case, dilate: float = 3.0, margin_px: float = 2.0, neighbours=()) -> TrainScan:
     """A training scan from a :class:`spinecohort.publiclumbar.PublicLumbarCase`: its vertebral
-    bodies (mask-derived, or derived from discs), loss masked outside the annotated extent and
-    around bodies present but too thin for a quadrilateral on a slice."""
+    bodies (mask-derived, or derived from discs) plus ``neighbours`` (the unannotated S1 / top
+    neighbour located by :func:`spinecohort.publiclumbar.neighbour_bodies`), loss masked outside
+    that extent and around bodies present but too thin for a quadrilateral on a slice."""
     from ..publiclumbar import annotated_extent_lines
 
-    verts = [v for v in case.structures if v.kind == "vertebra" and v.polygons]
+    verts = [v for v in list(case.structures) + list(neighbours) if v.kind == "vertebra" and v.polygons]
     polys: dict[int, list[np.ndarray]] = {}
     boxes: dict[int, list] = {}
     n = case.volume.shape[0]
@@ -377,17 +378,29 @@ def sample_tile(scan: TrainScan, s: int, rng: np.random.Generator, size: int, mm
 # ---------------------------------------------------------------------------------------------
 # data loading
 # ---------------------------------------------------------------------------------------------
-def load_public_lumbar_scans(root=None, split: str = "train", log=print) -> list[TrainScan]:
+def load_public_lumbar_scans(root=None, split: str = "train", log=print, neighbour_detector=None,
+                             exclude_sources: Sequence[str] = ()) -> list[TrainScan]:
+    """The public-lumbar cases of ``split`` (``"all"``: both) as training scans, without the
+    sources (sites) in ``exclude_sources``. With ``neighbour_detector`` (a Detector), S1 and the
+    body above the annotated span are supervised where that detector finds them
+    (:func:`spinecohort.publiclumbar.neighbour_bodies`) instead of being masked out."""
     from .. import publiclumbar as pl
 
-    scans = []
-    for ref in pl.list_cases(root, split=split):
+    scans, n_neighbours = [], 0
+    for ref in pl.list_cases(root, split=None if split == "all" else split):
+        if ref.source in exclude_sources:
+            continue
         case = pl.load_case(ref)
-        ts = scan_from_public_lumbar(case)
+        extra = []
+        if neighbour_detector is not None:
+            extra = pl.neighbour_bodies(case, neighbour_detector.detect(case.volume, case.pixel_spacing_mm))
+            n_neighbours += len(extra)
+        ts = scan_from_public_lumbar(case, neighbours=extra)
         if ts.polys:
             scans.append(ts)
     log(f"public-lumbar {split}: {len(scans)} scans, "
-        f"{sum(len(v) for t in scans for v in t.polys.values())} slice quadrilaterals")
+        f"{sum(len(v) for t in scans for v in t.polys.values())} slice quadrilaterals, "
+        f"{n_neighbours} neighbour bodies (S1 / above the annotated span) supervised")
     return scans
 
 
@@ -455,7 +468,8 @@ def train(out_path: str | Path = DEFAULT_OUT, *, steps: int = 1500, minutes: flo
           lr: float = 2e-3, threads: int = 1, synthetic_weight: float = 0.5,
           config: DetectorConfig | None = None, init: str | Path | None = None,
           checkpoint_every: int = 250, bf16: bool = True, calibrate: bool = True,
-          workers: int = 1, flip_tta: bool = False) -> dict[str, Any]:
+          workers: int = 1, flip_tta: bool = False, neighbours_from: str | Path | None = None,
+          exclude_sources: Sequence[str] = ()) -> dict[str, Any]:
     """Train the CPU detector and save it to ``out_path`` (fp16 weights + config + meta).
 
     ``steps`` fixes the schedule (one-cycle); ``minutes`` stops early if the wall clock runs out
@@ -463,7 +477,10 @@ def train(out_path: str | Path = DEFAULT_OUT, *, steps: int = 1500, minutes: flo
     thread count. ``bf16``: bfloat16 autocast and channels-last tensors (much faster on CPUs
     with AVX-512-BF16/AMX; the loss stays float32). ``flip_tta``: the saved detector averages each
     tile's maps with those of its anterior-posterior mirror (:attr:`DetectorConfig.flip_tta`),
-    and its thresholds are calibrated that way."""
+    and its thresholds are calibrated that way. ``neighbours_from``: a detector checkpoint whose
+    detections right below / above the annotated span of each public-lumbar case are supervised as
+    S1 / the next level up (:func:`load_public_lumbar_scans`). ``exclude_sources``: public-lumbar
+    sites left out (leave-one-site-out runs)."""
     torch.set_num_threads(max(1, int(threads)))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -474,7 +491,12 @@ def train(out_path: str | Path = DEFAULT_OUT, *, steps: int = 1500, minutes: flo
     t_start = time.time()
     pl_scans = []
     try:
-        pl_scans = load_public_lumbar_scans(public_lumbar_dir, "train", log)
+        neighbour_detector = None
+        if neighbours_from:
+            from ..detect import Detector
+
+            neighbour_detector = Detector.load(neighbours_from)
+        pl_scans = load_public_lumbar_scans(public_lumbar_dir, "train", log, neighbour_detector, exclude_sources)
     except FileNotFoundError as exc:
         log(f"public-lumbar unavailable ({exc}); synthetic only")
     syn_scans = []
@@ -508,6 +530,8 @@ def train(out_path: str | Path = DEFAULT_OUT, *, steps: int = 1500, minutes: flo
                    "synthetic_weight": synthetic_weight, "threads": threads, "bf16_autocast": bf16,
                    "craniocervical_focus_p": FOCUS_P, "init": Path(init).name if init else None,
                    "data_workers": workers, "flip_tta": bool(flip_tta),
+                   "neighbours_from": Path(neighbours_from).name if neighbours_from else None,
+                   "exclude_sources": list(exclude_sources),
                    "target": tcfg.__dict__, "optimizer": "AdamW(wd=1e-4), OneCycle"},
         "torch": str(torch.__version__),
     }
@@ -663,6 +687,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--flip-tta", action="store_true",
                    help="the saved detector averages each tile with its anterior-posterior mirror")
     p.add_argument("--workers", type=int, default=1, help="0: draw tiles in the training process")
+    p.add_argument("--neighbours-from", default=None,
+                   help="detector checkpoint whose detections of S1 (below L5) and of the body above the "
+                        "annotated span are supervised on public-lumbar cases (default: masked out)")
+    p.add_argument("--exclude-source", action="append", default=[],
+                   help="leave this public-lumbar site out (vb2, vb3, ivd); repeatable")
     p.add_argument("--calibrate-only", action="store_true",
                    help="only re-calibrate the thresholds of the checkpoint OUT (weights unchanged)")
     a = p.parse_args(argv)
@@ -674,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  public_lumbar_dir=a.public_lumbar, log_path=a.log, batch_size=a.batch_size,
                  crop_px=a.crop, lr=a.lr, threads=a.threads, synthetic_weight=a.synthetic_weight,
                  init=a.init, bf16=not a.no_bf16, calibrate=not a.no_calibrate, workers=a.workers,
-                 flip_tta=a.flip_tta)
+                 flip_tta=a.flip_tta, neighbours_from=a.neighbours_from, exclude_sources=a.exclude_source)
     print(json.dumps({k: v for k, v in meta.items() if k != "recipe"}, default=str))
     return 0
 

@@ -15,18 +15,20 @@ Recipe (deterministic given ``--seed``):
    L2-L5 between annotated discs), 6 jittered volumes each, and, when ``--detector`` exists, the
    detector's output on those cases (:func:`public_lumbar_detector_items`: detections matched to
    annotated bodies keep their level; the detection right below the lowest / above the highest
-   annotated body becomes S1 / T12 (L1), so the visible but unannotated neighbours are supervised
-   too), 4 volumes each. Cross-entropy with label smoothing 0.05, level-balanced sampling
+   annotated body becomes S1 / the next level up (T12 above L1, T10 above T11), so the visible but
+   unannotated neighbours are supervised too), 4 volumes each. Cross-entropy with label smoothing 0.05, level-balanced sampling
    (1/sqrt(count)), AdamW (weight decay 1e-3), one-cycle schedule (max lr 3e-3), batch 32 with
-   25 % public-lumbar (``--public-weight``); augmentation: lateral mirror, 15 % intensity
-   inversion, gamma, contrast/brightness, blur, noise, size-feature noise.
+   25 % public-lumbar (``--public-weight``); augmentation: lateral mirror, intensity
+   inversion (25 %), gamma, contrast/brightness, blur, noise, size-feature noise. ``--exclude-source``
+   leaves a public-lumbar site out of every stage (leave-one-site-out evaluation).
 3. **Context** (``--stage context``): appearance probabilities of the HELD-OUT synthetic scans
    (``seed % 5 == 4``, never seen by the appearance net) form, per level, a pool of realistic
    (mis)classifications. A training map takes one scan's body geometry (any split; extents in mm
    with +-1.5 mm jitter), a random crop of its height (sub-fields of view), gives every body
    either its own held-out probabilities (held-out scans) or a pool draw of its level, sharpens or
    softens them (temperature x U(0.6, 1.6)), drops each body with p = 0.1 (its rows still
-   supervised), adds a false-positive body with p = 0.15 and, below S1 with p = 0.3, one to three
+   supervised; S1 with p = 0.25, as detectors miss it on unfamiliar scanners), adds a
+   false-positive body with p = 0.15 and, below S1 with p = 0.3, one to three
    fused-sacral-segment detections with S1-like appearance (both unsupervised), and fills P as
    the labeller does. Loss: cross-entropy of P' on every row of every truth body (the public-
    lumbar training geometry included, with its detector-derived S1 / T12); AdamW (lr 2e-3, one
@@ -238,13 +240,16 @@ def load_synthetic_cache(cache: Path, n: int, start: int = 0, grid: Sequence[int
 
 
 def public_lumbar_items(split: str = "train", k_jitter: int = 6, cfg: AppearanceConfig | None = None,
-                        seed: int = 0, root=None) -> list[dict]:
-    """Appearance items of the public-lumbar cases of one split (annotated bodies only)."""
+                        seed: int = 0, root=None, exclude_sources: Sequence[str] = ()) -> list[dict]:
+    """Appearance items of the public-lumbar cases of one split (annotated bodies only), without
+    the sites in ``exclude_sources``."""
     from ..publiclumbar import list_cases, load_case
 
     cfg = cfg or AppearanceConfig()
     out = []
     for ref in list_cases(root, split=split):
+        if ref.source in exclude_sources:
+            continue
         case = load_case(ref)
         rng = np.random.default_rng([seed, ref.number, 17])
         verts = [(v.level, v.polygons, v.centroid, False) for v in case.vertebrae
@@ -259,56 +264,41 @@ def public_lumbar_items(split: str = "train", k_jitter: int = 6, cfg: Appearance
 
 def public_lumbar_detector_items(detector, split: str = "train", k_jitter: int = 6,
                                  cfg: AppearanceConfig | None = None, seed: int = 0, root=None,
-                                 log=print) -> list[dict]:
+                                 log=print, exclude_sources: Sequence[str] = ()) -> list[dict]:
     """Appearance items of public-lumbar cases from the detector's output: detections matched to
-    an annotated body take its level (and keep the detector's polygons); the detection right below
-    the lowest annotated body (L5) becomes S1 and the one right above the highest (L1, or L2 in the
-    disc-annotated cases) becomes T12 (L1), when its distance to that body is 0.6-1.5x the
-    annotated spacing. Other detections are not used."""
-    from ..evaluation_labelling import _gt_from_polys, match_bodies
-    from ..publiclumbar import list_cases, load_case
+    an annotated body take its level (and keep the detector's polygons), and the visible but
+    unannotated neighbours the detector finds right below / above the annotated span
+    (:func:`spinecohort.publiclumbar.neighbour_bodies`: S1 below L5, T12 above L1, T10 above T11)
+    are supervised with their level. Other detections are not used."""
+    from ..evaluation_labelling import gt_from_polys, match_bodies
+    from ..publiclumbar import list_cases, load_case, neighbour_bodies
 
     cfg = cfg or AppearanceConfig()
     out = []
     n_extra = 0
     for ref in list_cases(root, split=split):
+        if ref.source in exclude_sources:
+            continue
         case = load_case(ref)
         sp = case.pixel_spacing_mm
-        gt = [_gt_from_polys(v.level, v.polygons, v.centroid, sp) for v in case.vertebrae
+        gt = [gt_from_polys(v.level, v.polygons, v.centroid, sp) for v in case.vertebrae
               if v.polygons and v.level in LEVEL_INDEX]
-        gt.sort(key=lambda g: -g.centre_mm[0])
         if len(gt) < 2:
             continue
         dets = detector.detect(case.volume, sp)
         centres = np.array([[d.centroid[1] * sp[0], d.centroid[2] * sp[1]] for d in dets]).reshape(-1, 2)
         match = match_bodies(gt, centres)
-        used = set(match.values())
         verts = [(g.level, dets[j].polygons, dets[j].centroid, False) for i, g in enumerate(gt)
                  for j in [match.get(i)] if j is not None]
-        spacing = float(np.median(np.hypot(*np.diff(np.array([g.centre_mm for g in gt]), axis=0).T)))
-        for end, step in ((gt[0], -1), (gt[-1], +1)):
-            lev = LEVEL_INDEX[end.level] + (-1 if step < 0 else 1)
-            if not 0 <= lev < len(LEVELS):
-                continue
-            cand = []
-            for j in range(len(dets)):
-                if j in used:
-                    continue
-                d = centres[j] - np.array(end.centre_mm)
-                dist = math.hypot(*d)
-                below = d[0] > 0
-                if (below if step < 0 else not below) and 0.6 * spacing <= dist <= 1.5 * spacing:
-                    cand.append((dist, j))
-            if cand:
-                j = min(cand)[1]
-                verts.append((LEVELS[lev], dets[j].polygons, dets[j].centroid, False))
-                n_extra += 1
+        extra = neighbour_bodies(case, dets)
+        verts += [(v.level, v.polygons, v.centroid, False) for v in extra]
+        n_extra += len(extra)
         verts.sort(key=lambda t: -t[2][1])
         rng = np.random.default_rng([seed, ref.number, 23])
         items = _scan_items(case.volume, sp, verts, rng, cfg, k_jitter, strength=0.5)
         items.update(seed=-1, fov="public-lumbar", name=ref.name, height_mm=case.volume.shape[1] * sp[0])
         out.append(items)
-    log(f"public-lumbar {split} via the detector: {len(out)} cases, {n_extra} S1/T12-type bodies added")
+    log(f"public-lumbar {split} via the detector: {len(out)} cases, {n_extra} S1 / upper-neighbour bodies added")
     return out
 
 
@@ -323,7 +313,7 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         v = x[i]
         if rng.random() < 0.5:
             v = v[::-1]
-        if rng.random() < 0.15:  # contrast inversion around the robust range
+        if rng.random() < 0.25:  # contrast inversion (T1 vs T2 / STIR marrow) around the robust range
             v = 1.0 - v
         g = math.exp(rng.normal(0, 0.25))
         v = np.sign(v) * np.abs(v) ** g
@@ -427,7 +417,7 @@ class ContextSampler:
 
     def __init__(self, scans: list[dict], pools: dict[int, np.ndarray], own: dict[int, np.ndarray],
                  temperature: float = 1.0, drop_p: float = 0.1, fp_p: float = 0.15, pad_multiple: int = 32,
-                 sacral_p: float = 0.3):
+                 sacral_p: float = 0.3, s1_drop_p: float = 0.25):
         self.scans = scans
         self.pools = pools          # level -> (m, 24) held-out logits
         self.own = own              # scan index -> (n_bodies, 24) held-out logits (mean over jitters)
@@ -435,6 +425,8 @@ class ContextSampler:
         self.drop_p = drop_p
         self.fp_p = fp_p
         self.sacral_p = sacral_p
+        # real scans from unseen sites often lose S1 to the detector: L5 must stay L5 without it
+        self.s1_drop_p = s1_drop_p
         self.pad = pad_multiple
 
     def sample(self, rng: np.random.Generator):
@@ -469,7 +461,7 @@ class ContextSampler:
             if i1 <= i0:
                 continue
             tgt_spans.append((i0, i1, lev))
-            if rng.random() < self.drop_p:
+            if rng.random() < (self.s1_drop_p if lev == 0 else self.drop_p):
                 continue
             if use_own:
                 z = own[i]
@@ -607,6 +599,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--public-lumbar", default=None)
     p.add_argument("--detector", default=str(default_model_path("detector")),
                    help="detector used to find S1/T12 on public-lumbar training cases (skipped if absent)")
+    p.add_argument("--exclude-source", action="append", default=[],
+                   help="leave this public-lumbar site (vb2, vb3, ivd) out of training; repeatable "
+                        "(leave-one-site-out evaluation)")
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -628,10 +623,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         syn = load_synthetic_cache(cache, args.n_synthetic, grid=acfg.grid)
         pub, pub_val = [], []
         try:
-            pub = public_lumbar_items("train", 6, acfg, args.seed, args.public_lumbar)
-            pub_val = public_lumbar_items("val", 1, acfg, args.seed, args.public_lumbar)
+            excl = tuple(args.exclude_source)
+            pub = public_lumbar_items("train", 6, acfg, args.seed, args.public_lumbar, excl)
+            pub_val = public_lumbar_items("val", 1, acfg, args.seed, args.public_lumbar, excl)
             if detector is not None:
-                pub_det = public_lumbar_detector_items(detector, "train", 4, acfg, args.seed, args.public_lumbar, log)
+                pub_det = public_lumbar_detector_items(detector, "train", 4, acfg, args.seed, args.public_lumbar,
+                                                       log, excl)
         except FileNotFoundError as e:
             log(f"public-lumbar not available ({e}); synthetic only")
         t0 = time.time()
@@ -648,6 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = {"recipe": "spinecohort.training.labeller", "argv": list(argv if argv is not None else sys.argv[1:]),
                 "seed": args.seed, "n_synthetic": args.n_synthetic, "steps": args.appearance_steps,
                 "public_lumbar_detector_items": len(pub_det),
+                "exclude_sources": list(args.exclude_source),
                 "train_seconds": round(time.time() - t0, 1), "metrics": metrics}
         save_labeller_checkpoint(args.appearance_out, net, acfg, meta)
         log(f"appearance saved to {args.appearance_out}: {json.dumps(metrics)}")
@@ -661,9 +659,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:  # public-lumbar training geometry (annotated bodies, + S1/T12 via the detector)
             if detector is not None:
                 geos += pub_det or public_lumbar_detector_items(detector, "train", 1, acfg, args.seed,
-                                                                args.public_lumbar, log)
+                                                                args.public_lumbar, log, tuple(args.exclude_source))
             else:
-                geos += public_lumbar_items("train", 1, acfg, args.seed, args.public_lumbar)
+                geos += public_lumbar_items("train", 1, acfg, args.seed, args.public_lumbar,
+                                            tuple(args.exclude_source))
         except FileNotFoundError:
             pass
         sampler = ContextSampler(geos, pools, own, temperature=acfg.temperature, pad_multiple=ccfg.pad_multiple)
