@@ -8,13 +8,14 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from spinecohort.detect import Detector
+from spinecohort.evaluation_labelling import gt_from_polys, match_bodies
 from spinecohort.label import Labeller
 from spinecohort.shipped import default_model_path
 from spinecohort.synthetic import generate_scan
-
 
 
 def main() -> None:
@@ -42,8 +43,17 @@ def main() -> None:
         lab_t.append(t2 - t1)
         total.append(t2 - t0)
     total, det_t, lab_t = total[1:], det_t[1:], lab_t[1:]
-    print(f"detect + label 15x512x512 lumbar scan ({len(dets)} bodies: "
-          f"{' '.join(str(lab) for lab, _ in labels)}; truth {' '.join(v.level for v in scan.vertebrae)})")
+    # each truth body beside the label of the detection matched to it (caudal first), as the
+    # labelling evaluation matches them; extra detections (e.g. sacral segments) listed apart
+    gt = sorted((gt_from_polys(v.level, v.polygons, v.centroid, sp, v.partial) for v in scan.vertebrae),
+                key=lambda g: -g.centre_mm[0])
+    centres = np.array([[d.centroid[1] * sp[0], d.centroid[2] * sp[1]] for d in dets]).reshape(-1, 2)
+    match = match_bodies(gt, centres)
+    pairs = [f"{g.level}:{labels[match[i]][0] if i in match else '-'}" for i, g in enumerate(gt)]
+    right = sum(i in match and labels[match[i]][0] == g.level for i, g in enumerate(gt) if not g.partial)
+    extra = [labels[j][0] for j in range(len(dets)) if j not in set(match.values())]
+    print(f"detect + label 15x512x512 lumbar scan, truth:label {' '.join(pairs)}; "
+          f"{right}/{sum(not g.partial for g in gt)} whole bodies right; unmatched detections {extra}")
     print(f"median {statistics.median(total):.2f} s (min {min(total):.2f}, max {max(total):.2f}; {args.runs} runs, "
           f"{args.threads} threads): detection {statistics.median(det_t):.2f} s, "
           f"labelling {statistics.median(lab_t):.2f} s")

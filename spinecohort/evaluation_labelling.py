@@ -126,7 +126,7 @@ def evaluate_scan(volume, spacing, slice_spacing, gt: Sequence[GTBody], labeller
             verts = [{"polygons": g.polygons, "centroid": g.centroid} for g in gt]
             centres = np.array([g.centre_mm for g in gt]).reshape(-1, 2)
         t1 = time.perf_counter()
-        labels = labeller.label(volume, spacing, slice_spacing, verts)
+        labels, summary = labeller.label_scan(volume, spacing, slice_spacing, verts)
         t2 = time.perf_counter()
         match = match_bodies(gt, centres)
         det = cor = w1 = 0
@@ -149,6 +149,7 @@ def evaluate_scan(volume, spacing, slice_spacing, gt: Sequence[GTBody], labeller
             j = match.get(bottom)
             bottom_ok = bool(j is not None and labels[j][0] == gt[bottom].level)
         res[mode] = {"n": len(counted), "detected": det, "correct": cor, "within1": w1, "bottom_ok": bottom_ok,
+                     "level_confidence": summary.confidence, "level_flags": summary.flags_text,
                      "n_detections": len(verts), "detect_s": t1 - t0, "label_s": t2 - t1,
                      "p_correct": p_ok, "p_wrong": p_bad,
                      "pairs": detail, "labels": [lab for lab, _ in labels]}
@@ -179,6 +180,28 @@ def _synthetic_scans(fov: str, n: int, seed_base: int | None = None):
         yield f"synthetic-{fov}-{seed}", scan.volume, sp, scan.slice_spacing_mm, gt
 
 
+RELIABILITY_BINS = (0.0, 0.5, 0.7, 0.9, 0.97, 1.0)
+
+
+def reliability(p_correct: Sequence[float], p_wrong: Sequence[float],
+                bins: Sequence[float] = RELIABILITY_BINS) -> dict[str, Any]:
+    """Reliability of ``level_probability``: per probability bin the number of labelled bodies,
+    their mean probability and the fraction labelled right, and the expected calibration error
+    (bin-size weighted mean |accuracy - mean probability|)."""
+    p = np.array(list(p_correct) + list(p_wrong), float)
+    ok = np.array([True] * len(p_correct) + [False] * len(p_wrong))
+    rows, ece = [], 0.0
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        sel = (p >= lo) & ((p < hi) if hi < bins[-1] else (p <= hi))
+        if not sel.any():
+            rows.append({"bin": f"{lo:.2f}-{hi:.2f}", "n": 0, "mean_p": float("nan"), "accuracy": float("nan")})
+            continue
+        mean_p, acc = float(p[sel].mean()), float(ok[sel].mean())
+        ece += sel.sum() / len(p) * abs(acc - mean_p)
+        rows.append({"bin": f"{lo:.2f}-{hi:.2f}", "n": int(sel.sum()), "mean_p": mean_p, "accuracy": acc})
+    return {"bins": rows, "ece": float(ece) if len(p) else float("nan")}
+
+
 def _summary(rows: list[dict]) -> dict[str, Any]:
     n = sum(r["n"] for r in rows)
     out = {"scans": len(rows), "bodies": n}
@@ -196,6 +219,12 @@ def _summary(rows: list[dict]) -> dict[str, Any]:
         pw = [p for r in rows for p in r["p_wrong"]]
         out["mean_probability_correct"] = float(np.mean(pc)) if pc else float("nan")
         out["mean_probability_wrong"] = float(np.mean(pw)) if pw else float("nan")
+        out["reliability"] = reliability(pc, pw)
+        # does the scan-level doubt point a reviewer at the scans that are wrong?
+        wrong = [r for r in rows if r["correct"] < r["detected"]]
+        out["scans_flagged"] = float(np.mean([bool(r["level_flags"]) for r in rows]))
+        out["wrong_scans_flagged"] = (float(np.mean([bool(r["level_flags"]) for r in wrong])) if wrong
+                                      else float("nan"))
     return out
 
 

@@ -108,3 +108,24 @@ def test_extent_lines_exclude_unlabelled_neighbours():
     s1 = (q5[1] + q5[2]) / 2 + [(q5[3] - q5[0])[0], 0]        # one body height below L5
     out = pl.outside_annotated(np.array([t12, s1, l1.centroid[1:], l5.centroid[1:]]), lines)
     assert out.tolist() == [True, True, False, False]
+
+
+def _body(level, row, label=1):
+    quad = np.array([[row - 12, 10], [row - 12, 40], [row + 12, 40], [row + 12, 10]], float)
+    return pl.Structure(label, level, "vertebra", (2.0, float(row), 25.0), {2: quad}, {2: 720}, (2,))
+
+
+def test_neighbour_bodies_name_the_detections_next_to_the_annotated_span():
+    # annotated L3-L5 (rows 100, 140, 180) on a 1 mm grid; detections: the three annotated bodies,
+    # one right below L5 (S1), one right above L3 (L2) and one far below (a sacral segment)
+    structures = [_body("L3", 100, 1), _body("L4", 140, 2), _body("L5", 180, 3)]
+    case = pl.PublicLumbarCase("t_01", "vb3", 1, "train", np.zeros((5, 300, 60), np.float32),
+                               np.zeros((5, 300, 60), np.uint8), (1.0, 1.0), 4.0, {}, structures)
+    detections = [{"polygons": _body("?", r).polygons, "centroid": (2.0, float(r), 25.0)}
+                  for r in (100, 141, 179, 221, 60, 290)]
+    found = {s.level: s.centroid[1] for s in pl.neighbour_bodies(case, detections)}
+    assert found == {"S1": 221.0, "L2": 60.0}
+    assert all(s.derived for s in pl.neighbour_bodies(case, detections))
+    # nothing at a plausible distance below: S1 is not invented
+    found = {s.level for s in pl.neighbour_bodies(case, detections[:3] + detections[5:])}
+    assert found == set()
