@@ -161,6 +161,15 @@ class _Source:
             return pydicom.dcmread(handle, stop_before_pixels=stop_before_pixels, force=True)
 
 
+def _printable(name: str) -> str:
+    """A file name as text that can be written anywhere: bytes that are not UTF-8 (which Python
+    keeps as lone surrogates) are shown as escapes instead of failing the Parquet write."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _regular_size(path: Path) -> tuple[int | None, str]:
     """(size, "") of a regular file (links followed), else (None, why it is refused)."""
     try:
@@ -179,13 +188,14 @@ def _iter_sources(path: Path, budget: _Budget, refused: list[str]) -> Iterator[_
     """The scan's candidate files; anything refused is noted in ``refused`` as 'label: why'."""
     if path.is_dir():
         def unreadable(error: OSError) -> None:
-            refused.append(f"{Path(error.filename).relative_to(path) if error.filename else path}: folder cannot be read ({error.strerror})")
+            where = Path(error.filename).relative_to(path) if error.filename else path
+            refused.append(f"{_printable(str(where))}: folder cannot be read ({error.strerror})")
 
         for root, dirs, files in os.walk(path, onerror=unreadable):
             dirs.sort()
             for name in sorted(files):
                 full = Path(root) / name
-                label = str(full.relative_to(path))
+                label = _printable(str(full.relative_to(path)))
                 size, why = _regular_size(full)
                 if size is None:
                     refused.append(f"{label}: {why}")
@@ -198,7 +208,7 @@ def _iter_sources(path: Path, budget: _Budget, refused: list[str]) -> Iterator[_
             for info in sorted(archive.infolist(), key=lambda i: i.filename):
                 if info.is_dir():
                     continue
-                label = f"{path.name}!{info.filename}"
+                label = _printable(f"{path.name}!{info.filename}")
                 if info.file_size > MAX_FILE_BYTES:
                     refused.append(f"{label}: declares {info.file_size} bytes, over the {MAX_FILE_BYTES >> 20} MiB bound per file")
                     continue
@@ -221,7 +231,7 @@ def _iter_sources(path: Path, budget: _Budget, refused: list[str]) -> Iterator[_
                 yield _Source(label=label, data=data)
     else:
         budget.count(path.name, path.stat().st_size)
-        yield _Source(label=path.name, path=path)
+        yield _Source(label=_printable(path.name), path=path)
 
 
 # ----------------------------------------------------------------------------- geometry helpers

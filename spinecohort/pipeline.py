@@ -152,7 +152,9 @@ def _read_optional(path: Path) -> pd.DataFrame | None:
 
 
 def _format_error(stage: str, scan_id: str, error: BaseException) -> str:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # one line of writable text: a non-UTF-8 file name in a message would fail the Parquet write
+    text = str(error).encode("utf-8", "backslashreplace").decode("utf-8").strip()
+    message = text.splitlines()[0] if text else type(error).__name__
     if message.startswith(f"scan {scan_id}"):
         return message
     return f"scan {scan_id}: {stage}: {type(error).__name__}: {message}"
