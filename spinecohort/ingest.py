@@ -45,7 +45,8 @@ MAX_ZIP_RATIO = 100             # uncompressed / compressed size of a zip member
 ZIP_RATIO_MIN_BYTES = 4 << 20   # tiny members may compress further without being a bomb
 MAX_IMAGE_SIDE = 8192           # rows or cols of one image
 MAX_SLICES = 4096
-MAX_VOXELS = 1 << 29            # 2 GiB of float32
+MAX_VOXELS = 1 << 28            # 1 GiB of float32
+MAX_EXTENT_MM = 2000.0          # one side of the imaged box: a whole body; beyond, the spacing is wrong
 FILE_SECONDS = 120.0            # reading (and decoding) one file
 SCAN_SECONDS = 900.0            # reading one scan
 
@@ -445,6 +446,8 @@ def ingest(path: str | os.PathLike, scan_id: str, series: str | None = None) -> 
         return _ingest_dicom(path, scan_id, series, budget)
     except IngestError:
         raise
+    except _Overtime:  # the alarm fired between a read's end and its disarming
+        raise IngestError(f"scan {scan_id}: file {path}: reading did not finish within {FILE_SECONDS:g} s") from None
     except MemoryError as error:
         raise IngestError(f"scan {scan_id}: file {path}: too large to hold in memory (MemoryError)") from error
     except Exception as error:  # noqa: BLE001 - whatever a damaged file raises, the reason names it
@@ -492,10 +495,12 @@ def _ingest_dicom(path: Path, scan_id: str, selector: str | None, budget: _Budge
     if len(frames) > MAX_SLICES:
         raise IngestError(f"scan {scan_id}: file {frames[0].source.label}: {len(frames)} slices, over the bound of {MAX_SLICES}")
     _check_size(scan_id, frames[0].source.label, (len(frames), frames[0].rows, frames[0].cols))
-    volume = _read_pixels(frames, scan_id, budget)
-    warnings += _finite(volume)
     affine = _affine(frames)
     first = frames[0]
+    _check_extent(scan_id, first.source.label, (len(frames), first.rows, first.cols),
+                  np.array([np.linalg.norm(affine[:3, 0]), *first.pixel_spacing]))
+    volume = _read_pixels(frames, scan_id, budget)
+    warnings += _finite(volume)
     meta: dict[str, Any] = {
         # the UID stays in memory (a selector may name it); save_series never writes it
         "series_uid": chosen.uid,
@@ -522,6 +527,16 @@ def _check_size(scan: str, label: str, shape: tuple[int, ...]) -> None:
     n_voxels = math.prod(int(n) for n in shape)
     if n_voxels > MAX_VOXELS:
         raise IngestError(f"scan {scan}: file {label}: volume {'x'.join(map(str, shape))} has {n_voxels} voxels, over the bound of {MAX_VOXELS}")
+
+
+def _check_extent(scan: str, label: str, shape: tuple[int, ...], spacing: np.ndarray) -> None:
+    """Refuse a spacing that makes the volume kilometres wide: the models resample to a mm grid,
+    which would try to allocate terabytes."""
+    extent = np.asarray(shape, dtype=float) * np.asarray(spacing, dtype=float)
+    if not np.all(extent <= MAX_EXTENT_MM):
+        sizes = " x ".join(f"{e:.4g}" for e in extent)
+        raise IngestError(f"scan {scan}: file {label}: imaged box {sizes} mm is over {MAX_EXTENT_MM:g} mm a side "
+                          f"(spacing {np.round(spacing, 4).tolist()} mm is wrong)")
 
 
 def _finite(volume: np.ndarray) -> list[str]:
@@ -661,6 +676,7 @@ def _ingest_nifti(path: Path, scan_id: str, budget: _Budget) -> Series:
             index_affine[:3, 3] = index_affine[:3, 3] + index_affine[:3, axis] * extent
             index_affine[:3, axis] = -index_affine[:3, axis]
     spacing = np.linalg.norm(index_affine[:3, :3], axis=0)
+    _check_extent(scan_id, str(path), volume.shape, spacing)
     volume = np.ascontiguousarray(volume, dtype=np.float32)
     warnings = _finite(volume)
     meta = {

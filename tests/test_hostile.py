@@ -196,6 +196,13 @@ def test_huge_header_and_absurd_nifti_dimensions_are_named(tmp_path):
         ingest(path, "n")
 
 
+def test_absurd_spacing_is_named_before_a_model_tries_to_allocate_for_it(tmp_path):
+    rng = np.random.default_rng(0)
+    write_series(rng.integers(0, 2000, (6, 48, 40)).astype(np.float32), tmp_path / "scan", SeriesHeader((1e6, 1e6), 4.0), rng)
+    with pytest.raises(IngestError, match=r"scan s: file \S+: imaged box 24 x 4.8e\+07 x 4e\+07 mm is over 2000 mm a side"):
+        ingest(tmp_path / "scan", "s")
+
+
 def test_non_finite_voxels_are_zeroed_with_a_warning(tmp_path):
     data = np.ones((5, 30, 20), np.float32)
     data[0, 0, :3] = [np.nan, np.inf, -np.inf]
