@@ -11,6 +11,11 @@ from .config import load_schema
 
 REQUIRED = ("scan_id", "subject_id", "path")
 OPTIONAL = ("series", "site", "visit")
+# Columns the pipeline writes into tables/scans.parquet beside the manifest's: an extra manifest
+# column of one of these names would be overwritten or split in two (rows_x, rows_y).
+RESERVED = ("status", "failed_stage", "error", "series_key", "series_uid", "series_description", "series_choice",
+            "n_slices", "rows", "cols", "pixel_spacing_mm", "slice_spacing_mm", "fov", "n_vertebrae", "n_discs",
+            "ingest_warnings")
 
 
 class ManifestError(ValueError):
@@ -42,6 +47,10 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise ManifestError(f"manifest {path}: missing required column(s) {', '.join(missing)}; columns are {', '.join(frame.columns)}")
+    clashing = [c for c in frame.columns if c in RESERVED or c.startswith("seconds_")]
+    if clashing:
+        raise ManifestError(f"manifest {path}: column(s) {', '.join(clashing)} are names the pipeline writes in "
+                            "tables/scans.parquet; rename them")
     frame = frame.apply(lambda col: col.str.strip())
     schema = load_schema("manifest")
     # One validator for all rows: jsonschema.validate() re-checks the schema on every call, which

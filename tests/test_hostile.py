@@ -145,6 +145,7 @@ def test_manifest_errors_are_named(tmp_path):
         f"scan_id,subject_id,path\n{'a' * 245},p,x\n": r"row 2 \(scan_id\).*too long",
         "scan_id,subject_id,path\nAbc,p,x\nabc,q,y\n": r"row 3: scan_id 'abc' differs from 'Abc' \(row 2\) only in case",
         b"scan_id,subject_id,path\ns\xe9,p,x\n": "not a readable UTF-8 CSV",
+        "scan_id,subject_id,path,rows,seconds_x\ns,p,x,1,2\n": "column\\(s\\) rows, seconds_x are names the pipeline writes",
     }
     for text, message in cases.items():
         with pytest.raises(ManifestError, match=f"manifest .*manifest.csv: {message}"):
