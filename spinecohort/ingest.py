@@ -466,6 +466,9 @@ def _ingest_dicom(path: Path, scan_id: str, selector: str | None, budget: _Budge
                 ds = source.read(stop_before_pixels=True)
         except IngestError:
             raise
+        except PermissionError as error:
+            refused.append(f"{source.label}: cannot be read ({error.strerror})")
+            continue
         except Exception:  # noqa: BLE001 - anything unreadable is junk beside the series
             skipped.append(source.label)
             continue

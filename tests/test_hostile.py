@@ -415,3 +415,17 @@ def test_property_damaged_dicom_headers_are_ingested_or_named(tmp_path, good_ser
         return
     assert series.volume.ndim == 3 and np.isfinite(series.volume).all() and np.isfinite(series.affine).all()
     assert all(s > 0 for s in series.meta["pixel_spacing_mm"]) and series.meta["slice_spacing_mm"] > 0
+
+
+def test_unreadable_file_is_refused_by_name(tmp_path, monkeypatch):
+    _series(tmp_path / "scan")
+    (tmp_path / "scan" / "locked").write_bytes(b"x")  # root reads anything: the refusal is simulated
+    real = ingest_mod._Source.read
+
+    def read(self, stop_before_pixels):
+        if self.label == "locked":
+            raise PermissionError(13, "Permission denied")
+        return real(self, stop_before_pixels)
+
+    monkeypatch.setattr(ingest_mod._Source, "read", read)
+    assert "refused 1 file(s), first: locked: cannot be read (Permission denied)" in ingest(tmp_path / "scan", "s").meta["warnings"]
