@@ -94,8 +94,8 @@ def typed_frame(df: pd.DataFrame, types: Mapping[str, pa.DataType]) -> tuple[pd.
         wanted = types.get(column)
         if wanted is None:
             wanted = pa.Table.from_pandas(df[[column]], preserve_index=False).schema.field(column).type
-            if pa.types.is_null(wanted):
-                wanted = pa.string()
+            if pa.types.is_null(wanted) or pa.types.is_large_string(wanted):
+                wanted = pa.string()  # pandas' str dtype infers large_string: one text type for all
         if pa.types.is_integer(wanted):
             df[column] = pd.to_numeric(df[column]).astype("Int64")
         elif pa.types.is_floating(wanted):

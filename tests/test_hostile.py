@@ -307,7 +307,7 @@ def test_hostile_cohort_in_process_typed_tables_and_qc_isolation(tmp_path, monke
     schema = pads.dataset(str(paths["scans"])).schema
     for column in ("n_slices", "rows", "cols", "n_vertebrae", "n_discs"):
         assert schema.field(column).type == pa.int64(), column
-    assert schema.field("age").type == pa.float64()
+    assert schema.field("age").type == pa.float64() and schema.field("ingest_warnings").type == pa.string()
     assert str(pd.read_parquet(paths["scans"])["n_slices"].dtype) == "Int64"
 
 
