@@ -40,6 +40,7 @@ MISSING_SLICE_GAP_FACTOR = 1.5
 # exhausting the shard. Generous for real spinal MRI: a whole enhanced multi-frame series is one file.
 MAX_FILE_BYTES = 2 << 30        # one DICOM file, zip member or NIfTI file
 MAX_SCAN_BYTES = 8 << 30        # every file of one scan together
+MAX_ZIP_BYTES = 2 << 30         # a zip's members together, uncompressed: they are held in memory
 MAX_FILES = 50_000              # files (or zip members) looked at for one scan
 MAX_ZIP_RATIO = 100             # uncompressed / compressed size of a zip member; DICOM compresses < 20x
 ZIP_RATIO_MIN_BYTES = 4 << 20   # tiny members may compress further without being a bomb
@@ -217,6 +218,8 @@ def _iter_sources(path: Path, budget: _Budget, refused: list[str]) -> Iterator[_
                     refused.append(f"{label}: compressed {info.file_size // max(info.compress_size, 1)}:1, over the {MAX_ZIP_RATIO}:1 bound (zip bomb?)")
                     continue
                 budget.count(label, info.file_size)
+                if budget.bytes > MAX_ZIP_BYTES:
+                    raise IngestError(f"scan {budget.scan}: file {label}: zip members hold more than {MAX_ZIP_BYTES >> 30} GiB uncompressed")
                 try:
                     with budget.reading(label), archive.open(info) as member:
                         # the declared size bounds the read even if the header lies
@@ -224,7 +227,7 @@ def _iter_sources(path: Path, budget: _Budget, refused: list[str]) -> Iterator[_
                 except IngestError:
                     raise
                 except Exception as error:  # noqa: BLE001 - encrypted, unsupported method, bad CRC ...
-                    refused.append(f"{label}: member unreadable ({type(error).__name__}: {error})")
+                    refused.append(f"{label}: member unreadable ({type(error).__name__}: {' '.join(str(error).split())})")
                     continue
                 if len(data) > info.file_size:
                     refused.append(f"{label}: holds more than the {info.file_size} bytes it declares")

@@ -390,10 +390,10 @@ def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_
     outdir = Path(config["outdir"])
     stages = stage_order()
     scans = cohort_scans(config, manifest_file, n_shards, stages)
-    frames: dict[str, pd.DataFrame] = {}
     subject = dict(zip(scans["scan_id"], scans["subject_id"]))
     site = dict(zip(scans["scan_id"], scans["site"]))
     tables = {"vertebrae": (VERTEBRA_COLUMNS, _vertebra_stage(stages)), "discs": (DISC_COLUMNS, _disc_stage(stages))}
+    frames: dict[str, pd.DataFrame] = {}
     for kind, (columns, stage) in tables.items():
         rows = collect_rows(outdir, n_shards, stage) if stage else pd.DataFrame()
         if len(rows):

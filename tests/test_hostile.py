@@ -115,6 +115,9 @@ def test_zip_bomb_members_are_refused_unread(tmp_path, monkeypatch):
     assert "refused 2 file(s)" in warning and "zeros1" in warning and ":1, over the 100:1 bound" in warning
     monkeypatch.setattr(ingest_mod, "MAX_FILE_BYTES", 5 << 20)  # the declared size alone also refuses
     assert "declares" in next(w for w in ingest(archive, "s").meta["warnings"] if w.startswith("refused"))
+    monkeypatch.setattr(ingest_mod, "MAX_ZIP_BYTES", 10_000)  # members are held in memory: bounded together
+    with pytest.raises(IngestError, match=r"scan s: file scan\.zip!\S+: zip members hold more than"):
+        ingest(archive, "s")
 
 
 # ----------------------------------------------------------------------------- finding 4
