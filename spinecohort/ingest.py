@@ -85,8 +85,11 @@ class _Budget:
         self.files = 0
 
     def count(self, label: str, size: int) -> None:
+        """Count one file looked at (refused ones too: walking a huge tree is bounded as well)."""
         self.files += 1
         self.bytes += size
+        if time.monotonic() > self.deadline:
+            raise IngestError(f"scan {self.scan}: file {label}: reading the scan took over {SCAN_SECONDS:g} s")
         if self.files > MAX_FILES:
             raise IngestError(f"scan {self.scan}: file {label}: more than {MAX_FILES} files in one scan")
         if self.bytes > MAX_SCAN_BYTES:
@@ -199,10 +202,10 @@ def _iter_sources(path: Path, budget: _Budget, refused: list[str]) -> Iterator[_
                 full = Path(root) / name
                 label = _printable(str(full.relative_to(path)))
                 size, why = _regular_size(full)
+                budget.count(label, size or 0)
                 if size is None:
                     refused.append(f"{label}: {why}")
                     continue
-                budget.count(label, size)
                 yield _Source(label=label, path=full)
     elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
@@ -354,7 +357,9 @@ class _SeriesGroup:
 
     @property
     def description(self) -> str:
-        return str(self.header.get("SeriesDescription", "") or "")
+        # one line of reasonable length: it lands in error messages and the scans table
+        text = " ".join(str(self.header.get("SeriesDescription", "") or "").split())
+        return text if len(text) <= 200 else text[:200] + "..."
 
     @property
     def key(self) -> str:

@@ -434,3 +434,14 @@ def test_unreadable_file_is_refused_by_name(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ingest_mod._Source, "read", read)
     assert "refused 1 file(s), first: locked: cannot be read (Permission denied)" in ingest(tmp_path / "scan", "s").meta["warnings"]
+
+
+def test_file_count_bound_counts_refused_entries_and_descriptions_stay_one_line(tmp_path, monkeypatch):
+    _series(tmp_path / "scan", series_description="SAG T2\n" + "x" * 300)
+    series = ingest(tmp_path / "scan", "s")
+    assert "\n" not in series.meta["series_description"] and len(series.meta["series_description"]) == 203
+    for index in range(3):
+        os.mkfifo(tmp_path / "scan" / f"pipe{index}")
+    monkeypatch.setattr(ingest_mod, "MAX_FILES", 8)  # 6 slices + 3 pipes
+    with pytest.raises(IngestError, match=r"scan s: file \S+: more than 8 files in one scan"):
+        ingest(tmp_path / "scan", "s")
