@@ -529,7 +529,7 @@ def _ingest_dicom(path: Path, scan_id: str, selector: str | None, budget: _Budge
     for key in _SAFE_FIELDS:
         value = chosen.header.get(key)
         if value not in (None, ""):
-            meta[_snake(key)] = _plain(value)
+            meta.setdefault(_snake(key), _plain(value))  # series_description is set above, cleaned
     return Series(volume=volume, affine=affine, meta=meta)
 
 

@@ -436,6 +436,7 @@ def test_unreadable_file_is_refused_by_name(tmp_path, monkeypatch):
     assert "refused 1 file(s), first: locked: cannot be read (Permission denied)" in ingest(tmp_path / "scan", "s").meta["warnings"]
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom: the description is over-long on purpose
 def test_file_count_bound_counts_refused_entries_and_descriptions_stay_one_line(tmp_path, monkeypatch):
     _series(tmp_path / "scan", series_description="SAG T2\n" + "x" * 300)
     series = ingest(tmp_path / "scan", "s")
