@@ -79,6 +79,8 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
     # would scatter them among the user's own files.
     if outdir == Path(outdir.anchor) or outdir == Path.home().resolve():
         raise ConfigError(f"config key outdir: {merged['outdir']!r} is {'the file-system root' if outdir == Path(outdir.anchor) else 'the home folder'}; give a folder of its own, e.g. results")
+    if outdir.exists() and not outdir.is_dir():
+        raise ConfigError(f"config key outdir: {merged['outdir']!r} exists and is not a folder")
     return merged
 
 

@@ -162,6 +162,9 @@ def test_config_refuses_root_outdir_and_validates_keep_series_uid(tmp_path):
     for outdir in ("/", "/.", "//"):
         with pytest.raises(ConfigError, match="config key outdir: .* is the file-system root"):
             resolve_config({"outdir": outdir, "shard_size": 1})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="config key outdir: .* exists and is not a folder"):
+        resolve_config({"outdir": str(tmp_path / "file"), "shard_size": 1})
     with pytest.raises(ConfigError, match="config key keep_series_uid"):
         resolve_config({"outdir": str(tmp_path), "shard_size": 1, "keep_series_uid": "maybe"})
     assert resolve_config({"outdir": str(tmp_path), "shard_size": 1})["keep_series_uid"] is False
