@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "hotspots": "report",
     "agreement": {"bootstrap": 2000, "seed": 0},
     "qc": True,
+    "keep_series_uid": False,
     # `snakemake train_grader`: patient-level k-fold CV of the grader on the labelled discs.
     "grader_training": {"k": 5, "seed": 0, "init_weights": "shipped", "readers": None, "steps": None,
                         "head_epochs": None, "batch_size": None, "final": True},
@@ -73,6 +74,13 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
     except jsonschema.ValidationError as error:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise ConfigError(f"config key {where}: {error.message}") from None
+    outdir = Path(merged["outdir"]).expanduser().resolve()
+    # Results, work files and logs go under outdir: the file-system root or the home folder itself
+    # would scatter them among the user's own files.
+    if outdir == Path(outdir.anchor) or outdir == Path.home().resolve():
+        raise ConfigError(f"config key outdir: {merged['outdir']!r} is {'the file-system root' if outdir == Path(outdir.anchor) else 'the home folder'}; give a folder of its own, e.g. results")
+    if outdir.exists() and not outdir.is_dir():
+        raise ConfigError(f"config key outdir: {merged['outdir']!r} exists and is not a folder")
     return merged
 
 

@@ -7,11 +7,17 @@ allow-list of acquisition fields is copied.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
+import signal
+import stat
+import threading
+import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,7 +34,22 @@ SAGITTAL_MAX_ANGLE_DEG = 30.0
 DUPLICATE_POSITION_MM = 0.01
 # A gap this many times the typical spacing means slices are missing.
 MISSING_SLICE_GAP_FACTOR = 1.5
-MAX_ZIP_MEMBER_BYTES = 512 << 20
+
+# Bounds on what one scan may make ingestion read, so that a hostile or broken export (a link to
+# /dev/zero, a zip bomb, a 60000x60000 header) fails with a named reason instead of stalling or
+# exhausting the shard. Generous for real spinal MRI: a whole enhanced multi-frame series is one file.
+MAX_FILE_BYTES = 2 << 30        # one DICOM file, zip member or NIfTI file
+MAX_SCAN_BYTES = 8 << 30        # every file of one scan together
+MAX_ZIP_BYTES = 2 << 30         # a zip's members together, uncompressed: they are held in memory
+MAX_FILES = 50_000              # files (or zip members) looked at for one scan
+MAX_ZIP_RATIO = 100             # uncompressed / compressed size of a zip member; DICOM compresses < 20x
+ZIP_RATIO_MIN_BYTES = 4 << 20   # tiny members may compress further without being a bomb
+MAX_IMAGE_SIDE = 8192           # rows or cols of one image
+MAX_SLICES = 4096
+MAX_VOXELS = 1 << 28            # 1 GiB of float32
+MAX_EXTENT_MM = 2000.0          # one side of the imaged box: a whole body; beyond, the spacing is wrong
+FILE_SECONDS = 120.0            # reading (and decoding) one file
+SCAN_SECONDS = 900.0            # reading one scan
 
 # The only header fields that leave ingestion (no identifiers, no dates).
 _SAFE_FIELDS = (
@@ -40,6 +61,64 @@ _SAFE_FIELDS = (
 
 class IngestError(Exception):
     """A scan that cannot be ingested; the message names the scan, the file and the problem."""
+
+
+def series_key(uid: str) -> str:
+    """Non-identifying, stable key of a series: a hash of its SeriesInstanceUID, so a team holding
+    the images can trace a row back to its series, while the UID itself (a DICOM identifier,
+    replaced under PS3.15 Annex E) never leaves the pipeline unless config keep_series_uid opts in."""
+    return hashlib.sha256(f"spinecohort-series:{uid}".encode()).hexdigest()[:16] if uid else ""
+
+
+class _Overtime(BaseException):
+    """Raised by the alarm inside a read that ran past its time bound. A BaseException, so that a
+    reader's own ``except Exception`` cannot swallow it."""
+
+
+class _Budget:
+    """Time and byte bounds of one scan's ingestion."""
+
+    def __init__(self, scan: str):
+        self.scan = scan
+        self.deadline = time.monotonic() + SCAN_SECONDS
+        self.bytes = 0
+        self.files = 0
+
+    def count(self, label: str, size: int) -> None:
+        """Count one file looked at (refused ones too: walking a huge tree is bounded as well)."""
+        self.files += 1
+        self.bytes += size
+        if time.monotonic() > self.deadline:
+            raise IngestError(f"scan {self.scan}: file {label}: reading the scan took over {SCAN_SECONDS:g} s")
+        if self.files > MAX_FILES:
+            raise IngestError(f"scan {self.scan}: file {label}: more than {MAX_FILES} files in one scan")
+        if self.bytes > MAX_SCAN_BYTES:
+            raise IngestError(f"scan {self.scan}: file {label}: scan holds more than {MAX_SCAN_BYTES >> 30} GiB")
+
+    @contextmanager
+    def reading(self, label: str) -> Iterator[None]:
+        """Bound one read to FILE_SECONDS and what is left of SCAN_SECONDS."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise IngestError(f"scan {self.scan}: file {label}: reading the scan took over {SCAN_SECONDS:g} s")
+        limit = min(FILE_SECONDS, left)
+        # SIGALRM can interrupt a read stuck inside a library; it exists only in a main thread on
+        # POSIX. Elsewhere the bytes bound still caps each read and the deadline is checked between reads.
+        armed = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+        if armed:
+            def on_alarm(signum, frame):  # noqa: ARG001
+                raise _Overtime()
+
+            previous = signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, limit)
+        try:
+            yield
+        except _Overtime:
+            raise IngestError(f"scan {self.scan}: file {label}: reading did not finish within {limit:g} s") from None
+        finally:
+            if armed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass
@@ -87,22 +166,79 @@ class _Source:
             return pydicom.dcmread(handle, stop_before_pixels=stop_before_pixels, force=True)
 
 
-def _iter_sources(path: Path) -> Iterator[_Source]:
+def _printable(name: str) -> str:
+    """A file name as text that can be written anywhere: bytes that are not UTF-8 (which Python
+    keeps as lone surrogates) are shown as escapes instead of failing the Parquet write."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _regular_size(path: Path) -> tuple[int | None, str]:
+    """(size, "") of a regular file (links followed), else (None, why it is refused)."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        return None, f"cannot be examined ({error.strerror or error})"
+    if not stat.S_ISREG(info.st_mode):
+        # a FIFO, a device such as /dev/zero or a socket: reading it may never end
+        return None, "not a regular file"
+    if info.st_size > MAX_FILE_BYTES:
+        return None, f"{info.st_size} bytes, over the {MAX_FILE_BYTES >> 20} MiB bound per file"
+    return info.st_size, ""
+
+
+def _iter_sources(path: Path, budget: _Budget, refused: list[str]) -> Iterator[_Source]:
+    """The scan's candidate files; anything refused is noted in ``refused`` as 'label: why'."""
     if path.is_dir():
-        for root, dirs, files in os.walk(path):
+        def unreadable(error: OSError) -> None:
+            where = Path(error.filename).relative_to(path) if error.filename else path
+            refused.append(f"{_printable(str(where))}: folder cannot be read ({error.strerror})")
+
+        for root, dirs, files in os.walk(path, onerror=unreadable):
             dirs.sort()
             for name in sorted(files):
                 full = Path(root) / name
-                yield _Source(label=str(full.relative_to(path)), path=full)
+                label = _printable(str(full.relative_to(path)))
+                size, why = _regular_size(full)
+                budget.count(label, size or 0)
+                if size is None:
+                    refused.append(f"{label}: {why}")
+                    continue
+                yield _Source(label=label, path=full)
     elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             # Members are read into memory, never extracted, so no member name can write anywhere.
             for info in sorted(archive.infolist(), key=lambda i: i.filename):
-                if info.is_dir() or info.file_size > MAX_ZIP_MEMBER_BYTES:
+                if info.is_dir():
                     continue
-                yield _Source(label=f"{path.name}!{info.filename}", data=archive.read(info))
+                label = _printable(f"{path.name}!{info.filename}")
+                if info.file_size > MAX_FILE_BYTES:
+                    refused.append(f"{label}: declares {info.file_size} bytes, over the {MAX_FILE_BYTES >> 20} MiB bound per file")
+                    continue
+                if info.file_size > ZIP_RATIO_MIN_BYTES and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
+                    refused.append(f"{label}: compressed {info.file_size // max(info.compress_size, 1)}:1, over the {MAX_ZIP_RATIO}:1 bound (zip bomb?)")
+                    continue
+                budget.count(label, info.file_size)
+                if budget.bytes > MAX_ZIP_BYTES:
+                    raise IngestError(f"scan {budget.scan}: file {label}: zip members hold more than {MAX_ZIP_BYTES >> 30} GiB uncompressed")
+                try:
+                    with budget.reading(label), archive.open(info) as member:
+                        # the declared size bounds the read even if the header lies
+                        data = member.read(info.file_size + 1)
+                except IngestError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - encrypted, unsupported method, bad CRC ...
+                    refused.append(f"{label}: member unreadable ({type(error).__name__}: {' '.join(str(error).split())})")
+                    continue
+                if len(data) > info.file_size:
+                    refused.append(f"{label}: holds more than the {info.file_size} bytes it declares")
+                    continue
+                yield _Source(label=label, data=data)
     else:
-        yield _Source(label=path.name, path=path)
+        budget.count(path.name, path.stat().st_size)
+        yield _Source(label=_printable(path.name), path=path)
 
 
 # ----------------------------------------------------------------------------- geometry helpers
@@ -135,20 +271,46 @@ def _float_list(value: Any, n: int, what: str) -> np.ndarray:
     return array
 
 
+def _spacing(value: Any) -> tuple[float, float]:
+    spacing = _float_list(value, 2, "PixelSpacing")
+    if not np.all(spacing > 0):
+        raise ValueError(f"PixelSpacing {spacing.tolist()} must be positive")
+    return (float(spacing[0]), float(spacing[1]))
+
+
+def _orientation(value: Any) -> tuple[np.ndarray, np.ndarray]:
+    cosines = _float_list(value, 6, "ImageOrientationPatient")
+    # zero or parallel directions leave no slice normal to sort by
+    if np.linalg.norm(np.cross(cosines[:3], cosines[3:])) < 0.5:
+        raise ValueError(f"ImageOrientationPatient {cosines.tolist()} is not two perpendicular directions")
+    return cosines[:3], cosines[3:]
+
+
+def _matrix(ds: pydicom.Dataset) -> tuple[int, int]:
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if not (0 < rows <= MAX_IMAGE_SIDE and 0 < cols <= MAX_IMAGE_SIDE):
+        raise ValueError(f"image size {rows}x{cols} outside 1..{MAX_IMAGE_SIDE} pixels per side")
+    return rows, cols
+
+
 def _frames_of(ds: pydicom.Dataset, source: _Source) -> list[_Frame]:
     uid = str(ds.get("SOPInstanceUID", source.label))
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" in ds:
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if n_frames > MAX_SLICES:
+        raise ValueError(f"NumberOfFrames {n_frames} over the bound of {MAX_SLICES}")
+    if n_frames > 1 and "PerFrameFunctionalGroupsSequence" in ds:
         return _enhanced_frames(ds, source, uid)
     missing = [t for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns") if t not in ds]
     if missing:
         raise ValueError(f"missing tag(s) {', '.join(missing)}")
-    orientation = _float_list(ds.ImageOrientationPatient, 6, "ImageOrientationPatient")
+    row_cos, col_cos = _orientation(ds.ImageOrientationPatient)
+    rows, cols = _matrix(ds)
     return [_Frame(
         source=source, frame_index=None,
         position=_float_list(ds.ImagePositionPatient, 3, "ImagePositionPatient"),
-        row_cos=orientation[:3], col_cos=orientation[3:],
-        pixel_spacing=tuple(_float_list(ds.PixelSpacing, 2, "PixelSpacing")),
-        rows=int(ds.Rows), cols=int(ds.Columns), instance_uid=uid,
+        row_cos=row_cos, col_cos=col_cos,
+        pixel_spacing=_spacing(ds.PixelSpacing),
+        rows=rows, cols=cols, instance_uid=uid,
         acquisition_order=float(ds.get("InstanceNumber", 0) or 0),
         slope=float(ds.get("RescaleSlope", 1.0) or 1.0), intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
     )]
@@ -165,6 +327,7 @@ def _enhanced_frames(ds: pydicom.Dataset, source: _Source, uid: str) -> list[_Fr
         return None
 
     frames = []
+    rows, cols = _matrix(ds)
     for index, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
         position = group(item, "PlanePositionSequence")
         orientation = group(item, "PlaneOrientationSequence")
@@ -172,13 +335,13 @@ def _enhanced_frames(ds: pydicom.Dataset, source: _Source, uid: str) -> list[_Fr
         if position is None or orientation is None or measures is None:
             raise ValueError(f"frame {index + 1} lacks plane position, orientation or pixel measures")
         transform = group(item, "PixelValueTransformationSequence")
-        cosines = _float_list(orientation.ImageOrientationPatient, 6, "ImageOrientationPatient")
+        row_cos, col_cos = _orientation(orientation.ImageOrientationPatient)
         frames.append(_Frame(
             source=source, frame_index=index,
             position=_float_list(position.ImagePositionPatient, 3, "ImagePositionPatient"),
-            row_cos=cosines[:3], col_cos=cosines[3:],
-            pixel_spacing=tuple(_float_list(measures.PixelSpacing, 2, "PixelSpacing")),
-            rows=int(ds.Rows), cols=int(ds.Columns), instance_uid=f"{uid}#{index}",
+            row_cos=row_cos, col_cos=col_cos,
+            pixel_spacing=_spacing(measures.PixelSpacing),
+            rows=rows, cols=cols, instance_uid=f"{uid}#{index}",
             acquisition_order=float(index),
             slope=float(getattr(transform, "RescaleSlope", 1.0) or 1.0) if transform else float(ds.get("RescaleSlope", 1.0) or 1.0),
             intercept=float(getattr(transform, "RescaleIntercept", 0.0) or 0.0) if transform else float(ds.get("RescaleIntercept", 0.0) or 0.0),
@@ -194,7 +357,17 @@ class _SeriesGroup:
 
     @property
     def description(self) -> str:
-        return str(self.header.get("SeriesDescription", "") or "")
+        # one line of reasonable length: it lands in error messages and the scans table
+        text = " ".join(str(self.header.get("SeriesDescription", "") or "").split())
+        return text if len(text) <= 200 else text[:200] + "..."
+
+    @property
+    def key(self) -> str:
+        return series_key(self.uid)
+
+    @property
+    def modality(self) -> str:
+        return str(self.header.get("Modality", "") or "").strip().upper()
 
     def normal(self) -> np.ndarray:
         return self.frames[0].normal
@@ -209,8 +382,7 @@ class _SeriesGroup:
 def _t2_score(group: _SeriesGroup) -> tuple[int, str]:
     """How T2-like a series is, from its description, then EchoTime/RepetitionTime."""
     text = group.description.upper().replace(" ", "")
-    te = float(group.header.get("EchoTime", 0) or 0)
-    tr = float(group.header.get("RepetitionTime", 0) or 0)
+    te, tr = _number(group.header, "EchoTime"), _number(group.header, "RepetitionTime")
     if "T2" in text and "STIR" not in text and "T2*" not in text:
         return 3, f"SeriesDescription '{group.description}' names T2"
     if te >= 60 and tr >= 1500 and "STIR" not in text and "TIRM" not in text:
@@ -220,17 +392,39 @@ def _t2_score(group: _SeriesGroup) -> tuple[int, str]:
     return 0, "contrast not recognised"
 
 
+def _number(header: pydicom.Dataset, key: str) -> float:
+    try:
+        value = float(header.get(key, 0) or 0)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
+# Modalities taken as MR: secondary-capture exports ("OT") and files without the tag are graded
+# with a warning; any other modality (CT, PT, ...) is never graded as MR.
+_MR_LIKE = ("MR", "OT", "")
+
+
 def _choose_series(groups: list[_SeriesGroup], selector: str | None, scan: str) -> tuple[_SeriesGroup, str]:
+    other = [g for g in groups if g.modality not in _MR_LIKE]
     if selector:
         wanted = selector.strip()
-        chosen = [g for g in groups if g.uid == wanted] or [g for g in groups if wanted.lower() in g.description.lower()]
+        chosen = ([g for g in groups if wanted in (g.uid, g.key)]
+                  or [g for g in groups if wanted.lower() in g.description.lower()])
         if not chosen:
-            known = "; ".join(f"{g.uid} '{g.description}'" for g in groups)
+            # series named by key and description: error messages land in the tables
+            known = "; ".join(f"{g.key} '{g.description}'" for g in groups)
             raise IngestError(f"scan {scan}: no series matches selector '{wanted}' (series found: {known})")
+        if chosen[0].modality not in _MR_LIKE:
+            raise IngestError(f"scan {scan}: series '{chosen[0].description}' is Modality {chosen[0].modality}, not MR: the models grade MR only")
         if len(chosen) > 1:
             chosen.sort(key=lambda g: (-len(g.frames), g.uid))
             return chosen[0], f"manifest series '{wanted}' matched {len(chosen)} series; took the one with most slices"
         return chosen[0], f"manifest series '{wanted}'"
+    if other and len(other) == len(groups):
+        found = ", ".join(sorted({g.modality for g in other}))
+        raise IngestError(f"scan {scan}: no MR series (Modality {found}): the models grade MR only")
+    groups = [g for g in groups if g.modality in _MR_LIKE]
     sagittal = [g for g in groups if g.is_sagittal()]
     if not sagittal:
         described = "; ".join(f"'{g.description}' normal {np.round(g.normal(), 2).tolist()}" for g in groups)
@@ -246,26 +440,43 @@ def _choose_series(groups: list[_SeriesGroup], selector: str | None, scan: str) 
 def ingest(path: str | os.PathLike, scan_id: str, series: str | None = None) -> Series:
     """Read one scan. Raises :class:`IngestError` with a one-line reason on any failure."""
     path = Path(path)
-    if not path.exists():
-        raise IngestError(f"scan {scan_id}: file {path}: does not exist")
-    name = path.name.lower()
-    if path.is_file() and (name.endswith(".nii") or name.endswith(".nii.gz")):
-        return _ingest_nifti(path, scan_id)
+    budget = _Budget(scan_id)
     try:
-        return _ingest_dicom(path, scan_id, series)
+        if not path.exists():
+            raise IngestError(f"scan {scan_id}: file {path}: does not exist")
+        if not path.is_dir():
+            size, why = _regular_size(path)
+            if size is None:
+                raise IngestError(f"scan {scan_id}: file {path}: {why}")
+        name = path.name.lower()
+        if path.is_file() and (name.endswith(".nii") or name.endswith(".nii.gz")):
+            return _ingest_nifti(path, scan_id, budget)
+        return _ingest_dicom(path, scan_id, series, budget)
     except IngestError:
         raise
-    except (zipfile.BadZipFile, OSError) as error:
-        raise IngestError(f"scan {scan_id}: file {path}: {error}") from error
+    except _Overtime:  # the alarm fired between a read's end and its disarming
+        raise IngestError(f"scan {scan_id}: file {path}: reading did not finish within {FILE_SECONDS:g} s") from None
+    except MemoryError as error:
+        raise IngestError(f"scan {scan_id}: file {path}: too large to hold in memory (MemoryError)") from error
+    except Exception as error:  # noqa: BLE001 - whatever a damaged file raises, the reason names it
+        detail = " ".join(str(error).split()) or "no detail"
+        raise IngestError(f"scan {scan_id}: file {path}: {type(error).__name__}: {detail}") from error
 
 
-def _ingest_dicom(path: Path, scan_id: str, selector: str | None) -> Series:
+def _ingest_dicom(path: Path, scan_id: str, selector: str | None, budget: _Budget) -> Series:
     groups: dict[str, _SeriesGroup] = {}
     skipped: list[str] = []
     broken: list[str] = []
-    for source in _iter_sources(path):
+    refused: list[str] = []
+    for source in _iter_sources(path, budget, refused):
         try:
-            ds = source.read(stop_before_pixels=True)
+            with budget.reading(source.label):
+                ds = source.read(stop_before_pixels=True)
+        except IngestError:
+            raise
+        except PermissionError as error:
+            refused.append(f"{source.label}: cannot be read ({error.strerror})")
+            continue
         except Exception:  # noqa: BLE001 - anything unreadable is junk beside the series
             skipped.append(source.label)
             continue
@@ -274,25 +485,37 @@ def _ingest_dicom(path: Path, scan_id: str, selector: str | None) -> Series:
             continue
         try:
             frames = _frames_of(ds, source)
-        except (ValueError, TypeError, AttributeError) as error:
-            broken.append(f"{source.label}: {error}")
+        except Exception as error:  # noqa: BLE001 - damaged headers raise many types
+            broken.append(f"{source.label}: {' '.join(str(error).split()) or type(error).__name__}")
             continue
         uid = str(ds.SeriesInstanceUID)
         group = groups.setdefault(uid, _SeriesGroup(uid=uid, header=ds))
         group.frames.extend(frames)
     if not groups:
-        detail = f"; {broken[0]}" if broken else ""
-        raise IngestError(f"scan {scan_id}: file {path}: no readable DICOM image found ({len(skipped)} other file(s)){detail}")
+        detail = f"; {(broken + refused)[0]}" if broken or refused else ""
+        raise IngestError(f"scan {scan_id}: file {path}: no readable DICOM image found ({len(skipped) + len(refused)} other file(s)){detail}")
     chosen, reason = _choose_series(sorted(groups.values(), key=lambda g: g.uid), selector, scan_id)
     warnings = [f"ignored {len(skipped)} non-DICOM or non-image file(s)"] if skipped else []
+    if refused:
+        warnings.append(f"refused {len(refused)} file(s), first: {refused[0]}")
     if broken:
         warnings.append(f"{len(broken)} file(s) with unusable geometry ignored, first: {broken[0]}")
+    if chosen.modality != "MR":
+        warnings.append(f"Modality {chosen.modality or 'missing'}, not MR; graded as MR")
     frames, sort_warnings = _sort_and_check(chosen, scan_id)
-    volume = _read_pixels(frames, scan_id)
+    if len(frames) > MAX_SLICES:
+        raise IngestError(f"scan {scan_id}: file {frames[0].source.label}: {len(frames)} slices, over the bound of {MAX_SLICES}")
+    _check_size(scan_id, frames[0].source.label, (len(frames), frames[0].rows, frames[0].cols))
     affine = _affine(frames)
     first = frames[0]
+    _check_extent(scan_id, first.source.label, (len(frames), first.rows, first.cols),
+                  np.array([np.linalg.norm(affine[:3, 0]), *first.pixel_spacing]))
+    volume = _read_pixels(frames, scan_id, budget)
+    warnings += _finite(volume)
     meta: dict[str, Any] = {
+        # the UID stays in memory (a selector may name it); save_series never writes it
         "series_uid": chosen.uid,
+        "series_key": chosen.key,
         "series_description": chosen.description,
         "series_choice": reason,
         "source_format": "dicom",
@@ -306,8 +529,35 @@ def _ingest_dicom(path: Path, scan_id: str, selector: str | None) -> Series:
     for key in _SAFE_FIELDS:
         value = chosen.header.get(key)
         if value not in (None, ""):
-            meta[_snake(key)] = _plain(value)
+            meta.setdefault(_snake(key), _plain(value))  # series_description is set above, cleaned
     return Series(volume=volume, affine=affine, meta=meta)
+
+
+def _check_size(scan: str, label: str, shape: tuple[int, ...]) -> None:
+    """Refuse, by name, a volume too large to allocate (rather than a bare MemoryError)."""
+    n_voxels = math.prod(int(n) for n in shape)
+    if n_voxels > MAX_VOXELS:
+        raise IngestError(f"scan {scan}: file {label}: volume {'x'.join(map(str, shape))} has {n_voxels} voxels, over the bound of {MAX_VOXELS}")
+
+
+def _check_extent(scan: str, label: str, shape: tuple[int, ...], spacing: np.ndarray) -> None:
+    """Refuse a spacing that makes the volume kilometres wide: the models resample to a mm grid,
+    which would try to allocate terabytes."""
+    extent = np.asarray(shape, dtype=float) * np.asarray(spacing, dtype=float)
+    if not np.all(extent <= MAX_EXTENT_MM):
+        sizes = " x ".join(f"{e:.4g}" for e in extent)
+        raise IngestError(f"scan {scan}: file {label}: imaged box {sizes} mm is over {MAX_EXTENT_MM:g} mm a side "
+                          f"(spacing {np.round(spacing, 4).tolist()} mm is wrong)")
+
+
+def _finite(volume: np.ndarray) -> list[str]:
+    """Set NaN/inf voxels (float pixel data, overflowing rescale) to 0, in place; a warning says how many."""
+    bad = ~np.isfinite(volume)
+    n_bad = int(bad.sum())
+    if not n_bad:
+        return []
+    volume[bad] = 0.0
+    return [f"{n_bad} non-finite voxel value(s) set to 0"]
 
 
 def _sort_and_check(group: _SeriesGroup, scan: str) -> tuple[list[_Frame], list[str]]:
@@ -346,23 +596,28 @@ def _sort_and_check(group: _SeriesGroup, scan: str) -> tuple[list[_Frame], list[
     return kept, warnings
 
 
-def _read_pixels(frames: list[_Frame], scan: str) -> np.ndarray:
+def _read_pixels(frames: list[_Frame], scan: str, budget: _Budget) -> np.ndarray:
     volume = np.empty((len(frames), frames[0].rows, frames[0].cols), dtype=np.float32)
     cache: dict[str, np.ndarray] = {}
     for index, frame in enumerate(frames):
         try:
-            if frame.frame_index is None:
-                pixels = frame.source.read(stop_before_pixels=False).pixel_array
-            else:
-                key = frame.source.label
-                if key not in cache:
-                    cache[key] = frame.source.read(stop_before_pixels=False).pixel_array
-                pixels = cache[key][frame.frame_index]
+            with budget.reading(frame.source.label):
+                if frame.frame_index is None:
+                    pixels = frame.source.read(stop_before_pixels=False).pixel_array
+                else:
+                    key = frame.source.label
+                    if key not in cache:
+                        cache[key] = frame.source.read(stop_before_pixels=False).pixel_array
+                    pixels = cache[key][frame.frame_index]
+        except IngestError:
+            raise
         except Exception as error:  # noqa: BLE001 - decoder errors come in many types
-            raise IngestError(f"scan {scan}: file {frame.source.label}: pixel data unreadable ({type(error).__name__}: {error})") from error
+            detail = " ".join(str(error).split())
+            raise IngestError(f"scan {scan}: file {frame.source.label}: pixel data unreadable ({type(error).__name__}: {detail})") from error
         if pixels.shape != volume.shape[1:]:
             raise IngestError(f"scan {scan}: file {frame.source.label}: pixel array {pixels.shape} does not match {volume.shape[1:]} (colour or truncated image)")
-        volume[index] = pixels.astype(np.float32) * frame.slope + frame.intercept
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, zeroed by _finite
+            volume[index] = pixels.astype(np.float32) * frame.slope + frame.intercept
     return volume
 
 
@@ -381,20 +636,36 @@ def _affine(frames: list[_Frame]) -> np.ndarray:
     return affine
 
 
-def _ingest_nifti(path: Path, scan_id: str) -> Series:
+def _ingest_nifti(path: Path, scan_id: str, budget: _Budget) -> Series:
     import nibabel as nib
 
     try:
-        image = nib.load(str(path))
-        data = np.asarray(image.dataobj, dtype=np.float32)
+        with budget.reading(path.name):
+            image = nib.load(str(path))
+            # the header's dimensions decide what reading the data would allocate
+            _check_size(scan_id, str(path), tuple(int(n) for n in image.shape))
+            data = np.asarray(image.dataobj, dtype=np.float32)
+    except IngestError:
+        raise
     except Exception as error:  # noqa: BLE001
-        raise IngestError(f"scan {scan_id}: file {path}: not a readable NIfTI image ({error})") from error
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise IngestError(f"scan {scan_id}: file {path}: not a readable NIfTI image ({detail})") from error
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise IngestError(f"scan {scan_id}: file {path}: NIfTI image has {data.ndim} dimensions, expected 3")
+    if not all(data.shape):
+        raise IngestError(f"scan {scan_id}: file {path}: NIfTI image of shape {data.shape} holds no voxels")
     # NIfTI is RAS; DICOM patient space is LPS.
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.affine
+    # An all-zero or NaN affine would give spacing 0 or NaN, which every later stage divides by.
+    with np.errstate(all="ignore"):
+        spacings = np.linalg.norm(affine[:3, :3], axis=0)
+        degenerate = not (np.all(np.isfinite(affine)) and np.all(spacings > 1e-6)
+                          and abs(np.linalg.det(affine[:3, :3] / spacings)) > 1e-3)
+    if degenerate:
+        raise IngestError(f"scan {scan_id}: file {path}: NIfTI affine (sform/qform) is not a valid voxel-to-mm mapping "
+                          f"(voxel sizes {np.round(spacings, 4).tolist()} mm)")
     directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     # Slice axis: closest to left-right; row axis: closest to superior-inferior; col: the other.
     slice_axis = int(np.argmax(np.abs(directions[0])))
@@ -416,9 +687,12 @@ def _ingest_nifti(path: Path, scan_id: str) -> Series:
             index_affine[:3, 3] = index_affine[:3, 3] + index_affine[:3, axis] * extent
             index_affine[:3, axis] = -index_affine[:3, axis]
     spacing = np.linalg.norm(index_affine[:3, :3], axis=0)
+    _check_extent(scan_id, str(path), volume.shape, spacing)
     volume = np.ascontiguousarray(volume, dtype=np.float32)
+    warnings = _finite(volume)
     meta = {
         "series_uid": "",
+        "series_key": "",
         "series_description": "",
         "series_choice": "NIfTI file",
         "source_format": "nifti",
@@ -427,7 +701,7 @@ def _ingest_nifti(path: Path, scan_id: str) -> Series:
         "cols": int(volume.shape[2]),
         "pixel_spacing_mm": [float(spacing[1]), float(spacing[2])],
         "slice_spacing_mm": float(spacing[0]),
-        "warnings": [],
+        "warnings": warnings,
     }
     return Series(volume=volume, affine=index_affine, meta=meta)
 
@@ -456,7 +730,8 @@ def _plain(value: Any) -> Any:
 def save_series(series: Series, path: str | os.PathLike) -> None:
     """Store an ingested series for the next stage (atomic; no pickle)."""
     buffer = io.BytesIO()
-    np.savez(buffer, volume=series.volume, affine=series.affine, meta=np.array(json.dumps(series.meta)))
+    meta = {k: v for k, v in series.meta.items() if k != "series_uid"}  # a DICOM identifier: kept out of files
+    np.savez(buffer, volume=series.volume, affine=series.affine, meta=np.array(json.dumps(meta)))
     atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -18,9 +18,10 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from . import ingest as ingest_mod
-from .manifest import read_manifest, shard_rows
+from .manifest import OPTIONAL, REQUIRED, read_manifest, shard_rows
 from .provenance import make_provenance, read_provenance, write_table
 
 log = logging.getLogger("spinecohort")
@@ -92,15 +93,19 @@ class Stage:
 
 class IngestStage(Stage):
     name = "ingest"
+    config_keys = ("keep_series_uid",)
 
     def run_scan(self, scan: ScanContext) -> pd.DataFrame:
         series_arg = scan.row.get("series") or None
         series = ingest_mod.ingest(scan.row["path"], scan.scan_id, series_arg)
         ingest_mod.save_series(series, scan.series_path)
         meta = series.meta
+        # the SeriesInstanceUID is a DICOM identifier: written only when the team opts in
+        uid = {"series_uid": meta["series_uid"]} if self.config.get("keep_series_uid") else {}
         return pd.DataFrame([{
             "scan_id": scan.scan_id,
-            "series_uid": meta["series_uid"],
+            "series_key": meta["series_key"],
+            **uid,
             "series_description": meta["series_description"],
             "series_choice": meta["series_choice"],
             "n_slices": meta["n_slices"],
@@ -147,7 +152,9 @@ def _read_optional(path: Path) -> pd.DataFrame | None:
 
 
 def _format_error(stage: str, scan_id: str, error: BaseException) -> str:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # one line of writable text: a non-UTF-8 file name in a message would fail the Parquet write
+    text = str(error).encode("utf-8", "backslashreplace").decode("utf-8").strip()
+    message = text.splitlines()[0] if text else type(error).__name__
     if message.startswith(f"scan {scan_id}"):
         return message
     return f"scan {scan_id}: {stage}: {type(error).__name__}: {message}"
@@ -224,13 +231,51 @@ def run_shard_stage(stage_name: str, config: Mapping[str, Any], manifest_file: s
 
 # ----------------------------------------------------------------------------- cohort tables
 SCAN_COLUMNS = ["scan_id", "subject_id", "site", "visit", "status", "failed_stage", "error",
-                "series_uid", "series_description", "n_slices", "rows", "cols", "pixel_spacing_mm",
+                "series_key", "series_description", "n_slices", "rows", "cols", "pixel_spacing_mm",
                 "slice_spacing_mm", "fov", "n_vertebrae", "n_discs"]
+
+# One Arrow type per column, whatever fails (contract): counts are nullable integers, so a failed
+# scan's blank leaves them integers; columns not listed keep their inferred type (typed_frame).
+_TEXT, _INT, _FLOAT, _FLOATS = pa.string(), pa.int64(), pa.float64(), pa.list_(pa.float64())
+SCAN_TYPES: dict[str, pa.DataType] = {
+    **{c: _TEXT for c in ("scan_id", "subject_id", "site", "visit", "series", "status", "failed_stage", "error",
+                          "series_key", "series_uid", "series_description", "series_choice", "fov",
+                          "ingest_warnings", "level_flags")},
+    **{c: _INT for c in ("n_slices", "rows", "cols", "n_vertebrae", "n_discs")},
+    "pixel_spacing_mm": _FLOATS, "slice_spacing_mm": _FLOAT, "level_confidence": _FLOAT,
+}
+_POLYGONS = pa.list_(pa.struct([("slice", pa.int64()), ("corners", _FLOATS)]))
+
+
+def table_types(kind: str, columns: list[str]) -> dict[str, pa.DataType]:
+    """The Arrow type of each column of cohort table ``kind`` (scans, vertebrae, discs)."""
+    if kind == "scans":
+        types = dict(SCAN_TYPES)
+    else:
+        arrow = {"str": _TEXT, "int64": _INT, "float64": _FLOAT}
+        types = {c: arrow[str(d)] for c, d in _row_dtypes(kind).items() if str(d) in arrow}
+        types.update({"polygons": _POLYGONS, "box_corners": _FLOATS})
+    types.update({c: _FLOATS for c in columns if c.endswith("_probs")})
+    types.update({c: _FLOAT for c in columns if c.startswith("seconds_")})
+    return types
+
+
+def _numeric_or_text(values: pd.Series) -> pd.Series:
+    """A manifest column (read as text) as float64 when every non-blank cell is a number, so that
+    e.g. age stays numeric; text otherwise, and also where a leading zero (an ID such as 007)
+    would be lost."""
+    text = values.fillna("").astype(str).str.strip()
+    filled = text[text != ""]
+    numbers = pd.to_numeric(filled, errors="coerce")
+    if not len(filled) or numbers.isna().any() or filled.str.match(r"^[+-]?0[0-9]").any():
+        return values
+    return pd.to_numeric(text.where(text != ""), errors="coerce").astype("float64")
 
 
 def cohort_scans(config: Mapping[str, Any], manifest_file: str | Path, n_shards: int,
                  stages: list[str]) -> pd.DataFrame:
-    """``tables/scans.parquet``: one row per manifest row, failures included."""
+    """``tables/scans.parquet``: one row per manifest row, failures included. With config ``qc``,
+    a scan whose QC picture could not be drawn fails at stage ``qc``."""
     outdir = Path(config["outdir"])
     manifest = read_manifest(manifest_file)
     status: dict[str, list[pd.DataFrame]] = {s: [] for s in stages}
@@ -245,6 +290,9 @@ def cohort_scans(config: Mapping[str, Any], manifest_file: str | Path, n_shards:
         if ingest_table is not None and len(ingest_table):
             ingest_rows.append(ingest_table)
     merged = manifest.drop(columns=["path"]).copy()
+    for column in merged.columns:
+        if column not in REQUIRED + OPTIONAL:
+            merged[column] = _numeric_or_text(merged[column])
     merged["status"] = "ok"
     merged["failed_stage"] = ""
     merged["error"] = ""
@@ -262,14 +310,26 @@ def cohort_scans(config: Mapping[str, Any], manifest_file: str | Path, n_shards:
                 merged.at[index, "status"] = "failed"
                 merged.at[index, "failed_stage"] = stage
                 merged.at[index, "error"] = error
+    if config.get("qc", True):
+        qc = [t for shard in range(n_shards) if (t := _read_optional(shard_dir(outdir, shard) / "qc.status.parquet")) is not None]
+        qc_table = pd.concat(qc, ignore_index=True) if qc else pd.DataFrame(columns=STATUS_COLUMNS)
+        for scan_id, state, error in zip(qc_table["scan_id"], qc_table["status"], qc_table["error"]):
+            index = by_id.get(scan_id)
+            if index is not None and state != "ok" and merged.at[index, "status"] == "ok":
+                merged.loc[index, ["status", "failed_stage", "error"]] = ["failed", "qc", error]
     if ingest_rows:
         info = pd.concat(ingest_rows, ignore_index=True).drop_duplicates("scan_id")
         merged = merged.merge(info, on="scan_id", how="left")
-    for column in SCAN_COLUMNS:
+    columns = list(SCAN_COLUMNS)
+    if config.get("keep_series_uid"):
+        columns.insert(columns.index("series_key") + 1, "series_uid")
+    # the ingest columns beyond the contract's are there even when no scan was ingested, so every
+    # run's table has the same columns
+    for column in columns + ["series_choice", "ingest_warnings"]:
         if column not in merged.columns:
             merged[column] = np.nan if column.startswith("n_") else ""
-    extra = [c for c in merged.columns if c not in SCAN_COLUMNS]
-    return merged[SCAN_COLUMNS + extra]
+    extra = [c for c in merged.columns if c not in columns and c != "series_uid"]
+    return merged[columns + extra]
 
 
 def collect_rows(outdir: str | Path, n_shards: int, stage: str) -> pd.DataFrame:
@@ -289,6 +349,10 @@ DISC_COLUMNS = ["scan_id", "subject_id", "site", "level", "upper_vertebra_id", "
 def empty_rows(kind: str) -> pd.DataFrame:
     """A ``vertebrae`` or ``discs`` table with no rows but every column the stages write, typed as
     a non-empty table is: a cohort where nothing was detected still gets the full schema."""
+    return pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in _row_dtypes(kind).items()})
+
+
+def _row_dtypes(kind: str) -> dict[str, str]:
     from .tasks import TASK_NAMES
 
     if kind == "vertebrae":
@@ -306,7 +370,7 @@ def empty_rows(kind: str) -> pd.DataFrame:
         dtypes["model_id"] = "str"
     else:
         raise ValueError(f"unknown table {kind!r}")
-    return pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in dtypes.items()})
+    return dtypes
 
 
 def shard_models(outdir: str | Path, n_shards: int, stages: list[str]) -> dict[str, str]:
@@ -355,7 +419,7 @@ def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_
     paths = {}
     for kind, frame in [("scans", scans), *frames.items()]:
         paths[kind] = outdir / "tables" / f"{kind}.parquet"
-        write_table(frame, paths[kind], provenance)
+        write_table(frame, paths[kind], provenance, types=table_types(kind, list(frame.columns)))
     return paths
 
 
@@ -388,7 +452,10 @@ def _disc_stage(stages: list[str]) -> str | None:
 
 
 def render_shard_qc(config: Mapping[str, Any], manifest_file: str | Path, shard: int) -> list[Path]:
-    """QC pictures for every ingested scan of a shard, from the latest vertebra and disc rows."""
+    """QC pictures for every ingested scan of a shard, from the latest vertebra and disc rows.
+
+    A picture that cannot be drawn fails its scan (``qc.status.parquet``, read by the cohort
+    tables), never the job: the tables wait on every shard's QC."""
     from .qc import render_qc
 
     outdir = Path(config["outdir"])
@@ -398,16 +465,25 @@ def render_shard_qc(config: Mapping[str, Any], manifest_file: str | Path, shard:
     vertebra_stage, disc_stage = _vertebra_stage(stages), _disc_stage(stages)
     vertebrae = _read_optional(here / f"{vertebra_stage}.parquet") if vertebra_stage else None
     discs = _read_optional(here / f"{disc_stage}.parquet") if disc_stage else None
-    written = []
+    written, statuses = [], []
     for scan_id in rows["scan_id"]:
         path = series_path(outdir / "work", scan_id)
         if not path.exists():
             continue
-        mine_v = vertebrae[vertebrae["scan_id"] == scan_id] if vertebrae is not None and len(vertebrae) else None
-        mine_d = discs[discs["scan_id"] == scan_id] if discs is not None and len(discs) else None
+        started = time.perf_counter()
         target = outdir / "report" / "qc" / f"{scan_id}.png"
-        render_qc(ingest_mod.load_series(path), mine_v, mine_d, target, title=scan_id)
+        try:
+            mine_v = vertebrae[vertebrae["scan_id"] == scan_id] if vertebrae is not None and len(vertebrae) else None
+            mine_d = discs[discs["scan_id"] == scan_id] if discs is not None and len(discs) else None
+            render_qc(ingest_mod.load_series(path), mine_v, mine_d, target, title=scan_id)
+        except Exception as error:  # noqa: BLE001 - one bad scan never stops the shard
+            log.warning("%s", _format_error("qc", scan_id, error))
+            statuses.append({"scan_id": scan_id, "status": "failed", "error": _format_error("qc", scan_id, error),
+                             "seconds": time.perf_counter() - started})
+            continue
+        statuses.append({"scan_id": scan_id, "status": "ok", "error": "", "seconds": time.perf_counter() - started})
         written.append(target)
+    write_table(pd.DataFrame(statuses, columns=STATUS_COLUMNS), here / "qc.status.parquet", make_provenance(config))
     return written
 
 

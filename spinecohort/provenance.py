@@ -56,12 +56,23 @@ def make_provenance(
     }
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write through a temporary file and rename, so a killed job never leaves a partial file."""
+    """Write through a temporary file and rename, so a killed job never leaves a partial file.
+
+    The file gets the mode ``open()`` would give it (0666 less the umask): mkstemp creates 0600,
+    which would hide results from colleagues sharing a project folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
@@ -70,13 +81,46 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def typed_frame(df: pd.DataFrame, types: Mapping[str, pa.DataType]) -> tuple[pd.DataFrame, pa.Schema]:
+    """``df`` with the given Arrow type per column, and the schema to write it with.
+
+    Integer columns become pandas' nullable ``Int64`` (a blank count of a failed scan stays an
+    integer column rather than turning it into doubles); a column not in ``types`` keeps the type
+    Arrow infers, except that an all-blank one is written as string rather than Arrow's ``null``
+    type, so tables written with and without failures read back as one dataset."""
+    df = df.copy()
+    fields = []
+    for column in df.columns:
+        wanted = types.get(column)
+        if wanted is None:
+            wanted = pa.Table.from_pandas(df[[column]], preserve_index=False).schema.field(column).type
+            if pa.types.is_null(wanted) or pa.types.is_large_string(wanted):
+                wanted = pa.string()  # pandas' str dtype infers large_string: one text type for all
+        if pa.types.is_integer(wanted):
+            df[column] = pd.to_numeric(df[column]).astype("Int64")
+        elif pa.types.is_floating(wanted):
+            df[column] = pd.to_numeric(df[column]).astype("float64")
+        elif pa.types.is_string(wanted):
+            df[column] = pd.Series([None if _blank(v) else str(v) for v in df[column]], index=df.index, dtype=object)
+        fields.append(pa.field(str(column), wanted))
+    return df, pa.schema(fields)
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or value is pd.NA
+
+
 def write_table(
     df: pd.DataFrame,
     path: str | os.PathLike,
     provenance: Mapping[str, str],
     schema: pa.Schema | None = None,
+    types: Mapping[str, pa.DataType] | None = None,
 ) -> None:
-    """Write ``df`` as Parquet with provenance in the file metadata, atomically."""
+    """Write ``df`` as Parquet with provenance in the file metadata, atomically. ``types`` fixes
+    the Arrow type of the columns it names (:func:`typed_frame`)."""
+    if types is not None:
+        df, schema = typed_frame(df, types)
     table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     metadata = dict(table.schema.metadata or {})
     metadata.update({k.encode(): str(v).encode() for k, v in provenance.items()})

@@ -246,6 +246,24 @@ def _failures(scans: pd.DataFrame | None, limit: int = 500) -> dict[str, Any]:
     return {"rows": rows, "more": max(0, len(failed) - limit)}
 
 
+def input_warnings(scans: pd.DataFrame | None, labels: pd.DataFrame | None, limit: int = 200) -> list[str]:
+    """Counted warnings about the input: each scan's ingest warnings (files ignored, slices missing,
+    non-MR modality, ...) and what the labels hold that the agreement cannot use."""
+    from .stats import label_warnings
+
+    out: list[str] = []
+    if scans is not None and "ingest_warnings" in scans.columns:
+        warned = scans[scans["ingest_warnings"].fillna("").astype(str) != ""]
+        if len(warned):
+            out.append(f"{len(warned)} scan(s) ingested with warnings (column ingest_warnings of tables/scans.parquet)")
+            out += [f"{r.scan_id}: {r.ingest_warnings}" for r in warned.head(limit).itertuples()]
+            if len(warned) > limit:
+                out.append(f"\u2026 {len(warned) - limit} more scan(s) with ingest warnings")
+    if labels is not None:
+        out += label_warnings(labels, scans["scan_id"] if scans is not None and "scan_id" in scans.columns else None)
+    return out
+
+
 # --------------------------------------------------------------------------- agreement
 
 
@@ -636,6 +654,7 @@ def render_report(
     qc_images: Mapping[str, str | Path] | None = None,
     hotspot_images: Sequence[str | Path] | None = None,
     notes: Sequence[str] | None = None,
+    warnings: Sequence[str] | None = None,
     title: str = "spinecohort validation report",
     max_thumbnails: int = 60,
 ) -> Path:
@@ -644,6 +663,7 @@ def render_report(
     ``agreement``/``confusion`` are the tables of :func:`spinecohort.stats.compute_agreement`;
     ``None`` means no radiologist labels were configured, which the report states plainly.
     ``qc_images`` maps scan_id to a PNG/JPEG path; at most ``max_thumbnails`` are embedded.
+    ``warnings``: counted input warnings (:func:`input_warnings`), listed in their own section.
     """
     notes = [str(n) for n in (notes or [])]
     qc = []
@@ -671,6 +691,7 @@ def render_report(
         "notes": notes,
         "summary": _cohort_summary(scans, discs),
         "failures": _failures(scans),
+        "warnings": [str(w) for w in (warnings or [])],
         "labels_configured": agreement is not None,
         "agreement": agreement_ctx,
         "histograms": _grade_histograms(discs, labels),

@@ -11,7 +11,8 @@ from .provenance import read_provenance
 
 def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | Path, agreement: str | Path | None,
                  labels: str | Path | None, out: str | Path) -> None:
-    from .report import render_report
+    from .report import input_warnings, render_report
+    from .stats import _read_table
 
     outdir = Path(config["outdir"])
     agreement_table = pd.read_parquet(agreement) if agreement else None
@@ -24,15 +25,18 @@ def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | P
     notes = []
     if agreement is None:
         notes.append("No radiologist labels were configured (config key `labels`), so the agreement stage was skipped.")
+    scans_table = pd.read_parquet(scans)
+    labels_table = _read_table(labels, "labels") if labels else None
     render_report(
         out,
-        scans=pd.read_parquet(scans),
+        scans=scans_table,
         discs=pd.read_parquet(discs),
         agreement=agreement_table,
         confusion=confusion,
-        labels=pd.read_csv(labels) if labels else None,
+        labels=labels_table,
         provenance=read_provenance(discs),
         qc_images=qc_images,
         hotspot_images=hotspots,
         notes=notes,
+        warnings=input_warnings(scans_table, labels_table),
     )

@@ -24,7 +24,7 @@ def test_cohort_with_a_bad_scan(tmp_path):
     scans = pd.read_parquet(paths["scans"]).set_index("scan_id")
     assert list(scans.index) == ["ok1", "bad1", "lost"]
     assert scans.loc["ok1", "status"] == "ok" and scans.loc["ok1", "n_slices"] == 6
-    assert scans.loc["ok1", "age"] == "55" and scans.loc["bad1", "site"] == "south"
+    assert scans.loc["ok1", "age"] == 55.0 and scans.loc["bad1", "site"] == "south"
     assert scans.loc["bad1", "status"] == "failed" and scans.loc["bad1", "failed_stage"] == "ingest"
     assert scans.loc["bad1", "error"].startswith("scan bad1: file ") and "no readable DICOM" in scans.loc["bad1", "error"]
     assert "does not exist" in scans.loc["lost", "error"]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from spinecohort.label import LEVEL_FLAGS
 from spinecohort.provenance import read_provenance
@@ -44,3 +45,50 @@ def test_snakemake_demo_end_to_end(tmp_path):
         if path.is_file() and "demo" not in path.relative_to(out).parts[:1]:
             blob = path.read_bytes()
             assert b"Phantom^Subject" not in blob and b"PHANTOM-" not in blob, path
+
+
+@pytest.mark.slow
+def test_snakemake_hostile_cohort_finishes_with_tables_and_report(tmp_path):
+    """Hostile scans beside a good one (issue 15): every job ends, the good scan is ok, each hostile
+    one ok or failed with a named reason, the report counts the labels' problems, and every output
+    is group-readable under a group-sharing umask."""
+    import os
+    import stat
+    import struct
+
+    import nibabel as nib
+    import numpy as np
+
+    from spinecohort.dicom_writer import SeriesHeader, write_series
+
+    cohort = tmp_path / "cohort"
+    rng = np.random.default_rng(11)
+    write_series(rng.integers(0, 2000, (6, 48, 40)).astype(np.float32), cohort / "good", SeriesHeader((0.7, 0.7), 4.0), rng)
+    os.mkfifo(cohort / "good" / "pipe")  # read forever before
+    nib.save(nib.Nifti1Image(np.ones((5, 30, 20), np.float32), np.eye(4)), cohort / "zero.nii")
+    raw = bytearray((cohort / "zero.nii").read_bytes())
+    struct.pack_into("<hh12f", raw, 252, 0, 1, *([0.0] * 12))  # all-zero sform: QC divided by its spacing
+    struct.pack_into("<12f", raw, 280, *([0.0] * 12))
+    (cohort / "zero.nii").write_bytes(raw)
+    (cohort / "zero.dcm").symlink_to("/dev/zero")
+    manifest = cohort / "manifest.csv"
+    manifest.write_text("scan_id,subject_id,path,age\ngood,s1,good,50\nzero_affine,s2,zero.nii,61\ndevzero,s3,zero.dcm,\n")
+    labels = cohort / "labels.csv"
+    labels.write_text("scan_id,level,Pfirrmann\ngood,L4-L5,severe\ngood,L9-L10,3\nghost,L4-L5,2\n")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", "--snakefile", str(REPO / "Snakefile"),
+               "--directory", str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml"), "--config",
+               f"outdir={out}", f"manifest={manifest}", f"labels={labels}", "shard_size=3",
+               "agreement={bootstrap: 0, seed: 0}", "tta=1", "hotspots=none"]
+    run = subprocess.run(["sh", "-c", 'umask 027 && exec "$@"', "sh", *command], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    scans = pd.read_parquet(out / "tables" / "scans.parquet").set_index("scan_id")
+    assert scans.loc["good", "status"] == "ok", scans["error"]
+    assert "pipe: not a regular file" in scans.loc["good", "ingest_warnings"]
+    assert scans.loc["zero_affine", "error"].startswith("scan zero_affine: file ") and "affine" in scans.loc["zero_affine", "error"]
+    assert scans.loc["devzero", "error"].startswith("scan devzero: file ") and "not a regular file" in scans.loc["devzero", "error"]
+    html = (out / "report" / "validation.html").read_text()
+    assert "1 Pfirrmann grade(s) are not numbers" in html and "(ghost)" in html and "(L9-L10)" in html
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0o040, path
