@@ -41,7 +41,7 @@ cols front -> back, slices in any lateral order), the stage names every body S1,
    emission probability (low when appearance is ambiguous).
 
 ``Labeller.load(appearance_path, context_path)`` reads the CPU checkpoints (``models/appearance-
-cpu-v1.pt``, ``models/context-cpu-v1.pt``); ``Labeller.official(appearance, context)`` wraps the
+cpu-v2.pt``, ``models/context-cpu-v2.pt``); ``Labeller.official(appearance, context)`` wraps the
 official AppearanceModel / ContextModel (:func:`spinecohort.nets.official.build_official`) with
 the official constants (224 x 224 x 16 crop, min/p95 normalisation, temperatures 10 / 10, context
 rows padded to a multiple of 256).
@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -163,6 +163,9 @@ class BeamConfig:
     t13_penalty: float = 6.0              # extra thoracic vertebra T13 (between L1 and T12)
     four_lumbar_penalty: float = 6.0      # L1 absent without a gap (four lumbar vertebrae)
     transitional: bool = True             # allow L6, T13 and four lumbar vertebrae
+    # a scan is flagged counting_variant_suspected when a decoding with the transitional penalties
+    # at this (lower) value has a variant, even though the chosen labelling has none
+    variant_probe_penalty: float = 6.0
 
 
 # The label chain walked upwards by the beam: (name, emission column, penalty attribute or None).
@@ -494,13 +497,15 @@ def _has_variant(names: Sequence[str | None]) -> bool:
     return any(a == "L2" and b == "T12" for a, b in zip(present, present[1:]))
 
 
-def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weight: float = 0.2) -> LevelSummary:
+def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weight: float = 0.2,
+                  probe: BeamResult | None = None) -> LevelSummary:
     """Doubt about one scan's labelling from its beam search (bodies caudal first).
 
     ``confidence``: the summed posterior weight (softmax(-cost) over the final hypotheses) of the
     hypotheses that give every body the chosen label, sacral segments below S1 (S2-S5, which no
     disc is named after) excepted. A flag is raised for a transitional count in the chosen labelling
-    or in alternatives holding at least ``variant_weight`` of the posterior, for lumbar levels
+    or in alternatives holding at least ``variant_weight`` of the posterior, or in ``probe`` (the
+    same bodies decoded with cheaper transitional states), for lumbar levels
     without S1, for fewer than 3 bodies, and for ``confidence < min_confidence``."""
     labels = list(result.labels)
     if not any(lab is not None for lab in labels):
@@ -526,7 +531,7 @@ def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weigh
         flags.append("few_vertebrae")
     if any(lab in _LUMBAR for lab in labels) and "S1" not in labels:
         flags.append("no_sacrum_in_view")
-    if _has_variant(labels) or variant_mass >= variant_weight:
+    if _has_variant(labels) or variant_mass >= variant_weight or (probe is not None and _has_variant(probe.labels)):
         flags.append("counting_variant_suspected")
     if confidence < min_confidence:
         flags.append("low_confidence")
@@ -740,8 +745,14 @@ class Labeller:
             for m in members:
                 labels[m], probs_out[m], pos[m] = lab, p, res_g.positions[gi]
         res = BeamResult(labels, pos, probs_out, res_g.cost, res_g.hypotheses)
+        probe = None
+        if self.beam.transitional and self.beam.variant_probe_penalty < min(
+                self.beam.six_lumbar_penalty, self.beam.t13_penalty, self.beam.four_lumbar_penalty):
+            p = self.beam.variant_probe_penalty
+            probe = beam_search(em, replace(self.beam, six_lumbar_penalty=p, t13_penalty=p, four_lumbar_penalty=p),
+                                gap_ratios(centres[lead]))
         return res, {"logits": logits, "groups": groups, "P": P, "P_refined": Pr, "emissions": em,
-                     "summary": level_summary(res_g, self.min_confidence)}
+                     "summary": level_summary(res_g, self.min_confidence, probe=probe)}
 
     def label(self, volume: np.ndarray, pixel_spacing_mm: tuple[float, float], slice_spacing_mm: float,
               vertebrae: Sequence[Mapping[str, Any]]) -> list[tuple[str | None, float]]:

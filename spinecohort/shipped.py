@@ -7,9 +7,9 @@ MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 #: Stage role -> file in MODELS_DIR (each has a model card ``<stem>.md`` beside it).
 DEFAULT_MODELS = {
-    "detector": "detector-cpu-v5.pt",
-    "appearance": "appearance-cpu-v1.pt",
-    "context": "context-cpu-v1.pt",
+    "detector": "detector-cpu-v6.pt",
+    "appearance": "appearance-cpu-v2.pt",
+    "context": "context-cpu-v2.pt",
     "grader": "grader-cpu-v3.pt",
 }
 

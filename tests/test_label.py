@@ -193,6 +193,19 @@ def test_level_summary_flags_counting_variants():
     assert "counting_variant_suspected" in four.flags
 
 
+def test_expensive_variants_are_still_flagged_by_the_probe_decoding():
+    # the shipped beam makes transitional counts expensive (a real spine is rarely one): the
+    # chosen labels stay standard, and the cheaper probe decoding still raises the flag
+    E = emissions(["S1", "L5", "L5", "L4", "L3", "L2", "L1"])
+    E[1:3, 0] = 1e-3
+    gaps = gap_ratios(centres([38] * 6))
+    strict = BeamConfig(six_lumbar_penalty=40.0, t13_penalty=40.0, four_lumbar_penalty=40.0)
+    chosen = beam_search(E, strict, gaps)
+    assert "L6" not in chosen.labels
+    assert "counting_variant_suspected" not in level_summary(chosen).flags
+    assert "counting_variant_suspected" in level_summary(chosen, probe=beam_search(E, BeamConfig(), gaps)).flags
+
+
 def test_level_summary_one_body_and_ambiguous_scans_are_flagged():
     E = np.full((1, 24), 1e-3)
     E[0, 1:6] = 0.2

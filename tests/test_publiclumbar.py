@@ -49,10 +49,10 @@ def test_extent_lines_side():
 @needs_data
 def test_cases_and_fixed_split():
     refs = pl.list_cases(DATA)
-    assert len(refs) == 59
+    assert len(refs) == 76
     val = pl.list_cases(DATA, split="val")
     assert val and all(r.number % 5 == 0 for r in val)
-    assert {r.source for r in refs} == {"vb3", "ivd"}
+    assert {r.source for r in refs} == {"vb3", "ivd", "vb2"}
 
 
 @needs_data
