@@ -322,7 +322,7 @@ def shard_models(outdir: str | Path, n_shards: int, stages: list[str]) -> dict[s
 
 def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_shards: int,
                         models: Mapping[str, str] | None = None, created_by: str | None = None) -> dict[str, Path]:
-    """Assemble ``tables/scans|vertebrae|discs.parquet`` from every shard's stage outputs."""
+    """Assemble ``tables/scans|vertebrae|discs|morphometry|change.parquet`` from every shard's stage outputs."""
     outdir = Path(config["outdir"])
     stages = stage_order()
     scans = cohort_scans(config, manifest_file, n_shards, stages)
@@ -350,11 +350,22 @@ def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_
     if models is None:  # the contract's `models`: the weights the stages actually used
         models = shard_models(outdir, n_shards, stages)
     provenance = make_provenance(config, models, created_by)
+    frames.update(derived_tables(scans, frames))
     paths = {}
     for kind, frame in [("scans", scans), *frames.items()]:
         paths[kind] = outdir / "tables" / f"{kind}.parquet"
         write_table(frame, paths[kind], provenance)
     return paths
+
+
+def derived_tables(scans: pd.DataFrame, frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """``morphometry`` and ``change`` tables: pure functions of the cohort's vertebra landmarks,
+    pixel spacings and grades, so computed here rather than in a per-scan stage (no image needed,
+    milliseconds a scan, and they always agree with the tables written beside them)."""
+    from .morphometry import cohort_change, cohort_morphometry
+
+    morphometry = cohort_morphometry(scans, frames["vertebrae"])
+    return {"morphometry": morphometry, "change": cohort_change(scans, morphometry, frames.get("discs"))}
 
 
 def _vertebra_stage(stages: list[str]) -> str | None:

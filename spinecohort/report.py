@@ -636,6 +636,7 @@ def render_report(
     qc_images: Mapping[str, str | Path] | None = None,
     hotspot_images: Sequence[str | Path] | None = None,
     notes: Sequence[str] | None = None,
+    morphometry: Mapping[str, Any] | None = None,
     title: str = "spinecohort validation report",
     max_thumbnails: int = 60,
 ) -> Path:
@@ -644,6 +645,8 @@ def render_report(
     ``agreement``/``confusion`` are the tables of :func:`spinecohort.stats.compute_agreement`;
     ``None`` means no radiologist labels were configured, which the report states plainly.
     ``qc_images`` maps scan_id to a PNG/JPEG path; at most ``max_thumbnails`` are embedded.
+    ``morphometry``: the morphometry/change sections' context
+    (:func:`spinecohort.report_morphometry.morphometry_context`); None omits them.
     """
     notes = [str(n) for n in (notes or [])]
     qc = []
@@ -677,6 +680,7 @@ def render_report(
         "qc": qc,
         "qc_total": len(qc_items),
         "hotspots": hotspots,
+        "morphometry": morphometry,
         "provenance": prov_rows,
         "models": models,
         "environment": env,

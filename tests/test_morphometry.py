@@ -203,3 +203,29 @@ def test_failed_scans_and_bad_spacing_keep_fixed_dtypes():
     assert {c: str(t) for c, t in morph.dtypes.items()} == {c: t for c, t in mm.MORPHOMETRY_DTYPES.items()}
     nothing = mm.cohort_morphometry(scans.iloc[:0], vertebrae_frame({}))
     assert len(nothing) == 0 and {c: str(t) for c, t in nothing.dtypes.items()} == mm.MORPHOMETRY_DTYPES
+
+
+def test_report_sections_with_fracture_crop_and_change(tmp_path):
+    from spinecohort.ingest import Series, save_series
+    from spinecohort.report import render_report
+    from spinecohort.report_morphometry import morphometry_context
+
+    scans = scans_frame([("p1", "v1"), ("p1", "v2")], dates=["2020-01-01", "2020-07-01"])
+    bottom_l2 = 400.0 - 4 * 35.0
+    wedge = body_mm(bottom_l2, 100.0, 18.0, 25.0, 35.0)
+    vertebrae = vertebrae_frame({"s0": column(), "s1": column(overrides={"L2": wedge})})
+    morph = mm.cohort_morphometry(scans, vertebrae)
+    change = mm.cohort_change(scans, morph, None)
+    series_dir = tmp_path / "series"
+    volume = np.random.default_rng(0).random((10, 560, 400)).astype(np.float32)
+    save_series(Series(volume, np.eye(4), {"pixel_spacing_mm": list(SPACING), "slice_spacing_mm": 4.0}),
+                series_dir / "s1.npz")
+    context = morphometry_context(morph, change, vertebrae, series_dir)
+    assert [(f["scan_id"], f["level"], f["grade"]) for f in context["fractures"]] == [("s1", "L2", 2)]
+    assert context["fractures"][0]["crop"].startswith("data:image/png;base64,")
+    out = render_report(tmp_path / "v.html", scans=scans, discs=None, morphometry=context)
+    html = out.read_text()
+    for text in ('id="morphometry"', 'id="change"', "not a diagnosis", "Incident morphometric fractures",
+                 'alt="fracture crop s1 L2"', "182 (182\u2013182) days"):
+        assert text in html, text
+    assert morphometry_context(morph.iloc[:0]) is None
