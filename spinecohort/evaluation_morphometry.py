@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .morphometry import body_measures, mid_slice, to_mm
+from .morphometry import body_measures, height_loss, mid_slice, to_mm
 from .shipped import default_model
 
 __all__ = ["agreement", "measure_pairs", "evaluate", "main"]
@@ -88,8 +88,18 @@ def _summaries(records: list[dict[str, Any]]) -> dict[str, Any]:
                                              for q in HEIGHTS])
         block["heights_and_depth_pooled"] = agreement([r["pipeline"][q] - r[key][q] for r in records
                                                        if r[key] is not None for q in QUANTITIES])
+        # ratios are unitless; the flags use the within-body losses only (crush needs the levels' neighbours)
+        block["wedge_ratio"] = agreement([r["pipeline"]["wedge_ratio"] - r[key]["wedge_ratio"] for r in records
+                                          if r[key] is not None])
+        block["flagged_pipeline"], block["flagged_reference"] = (
+            sum(_flagged(r[k]) for r in records if r[key] is not None) for k in ("pipeline", key))
         out[pairing] = block
     return out
+
+
+def _flagged(measures: dict[str, float]) -> bool:
+    """Height loss >= 20 % (Genant grade >= 1) by wedging or middle-height loss."""
+    return bool(height_loss(measures["wedge_ratio"], measures["concavity_ratio"], float("nan"))[0] >= 0.20)
 
 
 def _run(detector, cases, derived_of, batch: int, log) -> list[dict[str, Any]]:
@@ -152,6 +162,10 @@ def format_summary(title: str, summary: dict[str, Any]) -> str:
         lines.append(f" {pairing}:")
         for q in (*QUANTITIES, "heights_pooled", "heights_and_depth_pooled"):
             lines.append(_line(q, summary[pairing][q]))
+        w = summary[pairing]["wedge_ratio"]
+        lines.append(f"  {'wedge_ratio (Ha/Hp)':22s} n {w['n']:4d}  MAD {w['mad']:.3f}  bias {w['bias']:+.3f}  "
+                     f"LoA [{w['loa_low']:+.3f}, {w['loa_high']:+.3f}]; bodies with >= 20 % wedge/middle height loss: "
+                     f"pipeline {summary[pairing]['flagged_pipeline']}, reference {summary[pairing]['flagged_reference']}")
     return "\n".join(lines)
 
 

@@ -229,3 +229,23 @@ def test_report_sections_with_fracture_crop_and_change(tmp_path):
                  'alt="fracture crop s1 L2"', "182 (182\u2013182) days"):
         assert text in html, text
     assert morphometry_context(morph.iloc[:0]) is None
+
+
+def test_evaluation_pairs_and_bland_altman():
+    from spinecohort.detect import DetectedVertebra
+    from spinecohort.evaluation import DetectionCase, EvalBody
+    from spinecohort.evaluation_morphometry import agreement, measure_pairs
+
+    stats = agreement([1.0, -1.0, 2.0, 2.0])
+    assert stats["n"] == 4 and stats["mad"] == pytest.approx(1.5) and stats["bias"] == pytest.approx(1.0)
+    assert stats["loa_high"] - stats["bias"] == pytest.approx(1.96 * np.std([1, -1, 2, 2], ddof=1))
+    truth = to_px(body_mm(300.0, 100.0, 25.0, 25.0, 35.0))
+    polys = {s: truth for s in (4, 5, 6)}
+    case = DetectionCase("c", np.zeros((8, 600, 400), np.float32), SPACING, 4.0,
+                         [EvalBody((5.0, *truth.mean(0)), polys, "L3")])
+    taller = truth + np.array([[-1.0, 0], [-1.0, 0], [0, 0], [0, 0]])  # superior corners 1 px (0.8 mm) up
+    det = DetectedVertebra({4: taller, 5: taller}, (4.6, *truth.mean(0)), 0.9)
+    (pair,) = measure_pairs([det], case)
+    assert pair["slice_pipeline"] == 5 and pair["slice_reference"] == 5
+    assert pair["pipeline"]["height_anterior_mm"] - pair["reference"]["height_anterior_mm"] == pytest.approx(0.8)
+    assert pair["pipeline"]["depth_mm"] == pytest.approx(pair["reference"]["depth_mm"])
