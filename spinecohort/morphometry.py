@@ -198,10 +198,6 @@ def height_loss(wedge_ratio: float, concavity_ratio: float, crush_ratio: float) 
 
 
 # ----------------------------------------------------------------------------- one scan
-def _level_order(level: Any) -> float:
-    return float(LEVEL_INDEX[level]) if isinstance(level, str) and level in LEVEL_INDEX else math.nan
-
-
 def polygons_of(polygons: Any) -> dict[int, np.ndarray]:
     """The vertebrae table's ``polygons`` cell (list of ``{slice, corners}``) -> slice -> (4, 2)."""
     out: dict[int, np.ndarray] = {}
@@ -246,7 +242,8 @@ def scan_morphometry(vertebrae: Iterable[Mapping[str, Any]], pixel_spacing_mm: S
         index = LEVEL_INDEX[level] + step
         return next((b for b in by_level.values() if LEVEL_INDEX[b["level"]] == index), None)
 
-    for b in sorted(bodies, key=lambda b: (-_level_order(b["level"]) if b["level"] else math.inf, b["vertebra_id"])):
+    # cranial first; unlabelled bodies and labels outside C2-S1 (S2, S3, ...) after, by detection order
+    for b in sorted(bodies, key=lambda b: (b["level"] not in LEVEL_INDEX, -LEVEL_INDEX.get(b["level"], 0), b["vertebra_id"])):
         m = dict(measures[id(b)])
         crush = math.nan
         graded = b["level"] in GENANT_LEVELS

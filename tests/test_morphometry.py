@@ -249,3 +249,13 @@ def test_evaluation_pairs_and_bland_altman():
     assert pair["slice_pipeline"] == 5 and pair["slice_reference"] == 5
     assert pair["pipeline"]["height_anterior_mm"] - pair["reference"]["height_anterior_mm"] == pytest.approx(0.8)
     assert pair["pipeline"]["depth_mm"] == pytest.approx(pair["reference"]["depth_mm"])
+
+
+def test_unlabelled_and_extra_sacral_bodies_get_heights_only():
+    recs = column(levels=("L4", "L5", "S1"))
+    recs += [record(7, "S2", body_mm(450.0, 100.0, 20.0, 20.0, 30.0)), record(8, None, body_mm(120.0, 100.0, 25.0, 25.0, 35.0))]
+    rows = mm.scan_morphometry(recs, SPACING)
+    bodies = [r for r in rows if r["kind"] == "vertebra"]
+    assert [r["level"] for r in bodies] == ["L4", "L5", "S1", "S2", None]
+    assert bodies[3]["height_anterior_mm"] == pytest.approx(20.0) and math.isnan(bodies[4]["crush_ratio"])
+    assert [r["level"] for r in rows if r["kind"] == "disc"] == ["L4-L5", "L5-S1"]
