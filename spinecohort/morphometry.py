@@ -15,7 +15,8 @@ Vertebral body (six-point morphometry reduced to the four corners the detector g
   deformity) is not seen; Hm measures the chord between the endplate midpoints.
 - ``depth_mm`` = mean length of the superior and inferior endplates.
 - ``wedge_ratio`` Ha/Hp; ``concavity_ratio`` Hm/Hp; ``crush_ratio`` Hp / mean Hp of the labelled
-  neighbours above and below (within the graded range).
+  neighbours above and below (within the graded range), ``crush_ratio_above``/``_below`` Hp / Hp
+  of each neighbour alone.
 - ``height_loss`` = max(1 - Ha/Hp, 1 - Hm/Hp, 1 - crush_ratio, 0) and ``height_loss_kind``
   (wedge, biconcave, crush): the largest reduction of one height against its reference, the
   quantitative reading of Genant's semi-quantitative method (Genant HK, Wu CY, van Kuijk C,
@@ -85,6 +86,7 @@ MORPHOMETRY_DTYPES: dict[str, str] = {
     "height_anterior_mm": "float64", "height_middle_mm": "float64", "height_posterior_mm": "float64",
     "depth_mm": "float64",
     "wedge_ratio": "float64", "concavity_ratio": "float64", "crush_ratio": "float64",
+    "crush_ratio_above": "float64", "crush_ratio_below": "float64",
     "height_loss": "float64", "height_loss_kind": "string",
     "genant_grade": "Int64", "morphometric_fracture": "boolean",
     "disc_height_index": "float64", "endplate_angle_deg": "float64",
@@ -245,17 +247,20 @@ def scan_morphometry(vertebrae: Iterable[Mapping[str, Any]], pixel_spacing_mm: S
     # cranial first; unlabelled bodies and labels outside C2-S1 (S2, S3, ...) after, by detection order
     for b in sorted(bodies, key=lambda b: (b["level"] not in LEVEL_INDEX, -LEVEL_INDEX.get(b["level"], 0), b["vertebra_id"])):
         m = dict(measures[id(b)])
-        crush = math.nan
+        crush, sides = math.nan, [math.nan, math.nan]
         graded = b["level"] in GENANT_LEVELS
         if graded:
-            refs = [measures[id(n)]["height_posterior_mm"] for n in (neighbour(b["level"], 1), neighbour(b["level"], -1))
-                    if n is not None and n["level"] in GENANT_LEVELS]
-            if refs and np.mean(refs) > 0:
+            for k, n in enumerate((neighbour(b["level"], 1), neighbour(b["level"], -1))):
+                if n is not None and n["level"] in GENANT_LEVELS and measures[id(n)]["height_posterior_mm"] > 0:
+                    sides[k] = m["height_posterior_mm"] / measures[id(n)]["height_posterior_mm"]
+            refs = [m["height_posterior_mm"] / r for r in sides if np.isfinite(r)]  # the neighbours' Hp
+            if refs:
                 crush = m["height_posterior_mm"] / float(np.mean(refs))
         loss, kind = height_loss(m["wedge_ratio"], m["concavity_ratio"], crush) if graded else (math.nan, "")
         grade = genant_grade(loss)
         rows.append({"kind": "vertebra", "level": b["level"], "vertebra_id": b["vertebra_id"], "slice": b["slice"],
-                     **m, "crush_ratio": crush, "height_loss": loss, "height_loss_kind": kind,
+                     **m, "crush_ratio": crush, "crush_ratio_above": sides[0], "crush_ratio_below": sides[1],
+                     "height_loss": loss, "height_loss_kind": kind,
                      "genant_grade": grade,
                      "morphometric_fracture": (grade >= 1) if np.isfinite(grade) else None,
                      "note": MORPHOMETRIC_NOTE if np.isfinite(grade) and grade >= 1 else

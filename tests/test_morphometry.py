@@ -83,6 +83,10 @@ def test_crush_against_neighbours_and_genant_bands():
     rows = mm.scan_morphometry(column(overrides={"L3": crushed}), SPACING)
     l3 = by(rows, "vertebra", "L3")
     assert l3["crush_ratio"] == pytest.approx(14.0 / 25.0)
+    assert l3["crush_ratio_above"] == pytest.approx(14.0 / 25.0) and l3["crush_ratio_below"] == pytest.approx(14.0 / 25.0)
+    l4 = by(rows, "vertebra", "L4")
+    assert l4["crush_ratio_above"] == pytest.approx(25.0 / 14.0) and l4["crush_ratio_below"] == pytest.approx(1.0)
+    assert l4["crush_ratio"] == pytest.approx(25.0 / 19.5)
     assert l3["height_loss_kind"] == "crush" and l3["genant_grade"] == 3
     assert [mm.genant_grade(x) for x in (0.1, 0.22, 0.3, 0.41)] == [0, 1, 2, 3]
     assert by(rows, "vertebra", "S1")["genant_grade"] is not None  # outside the range: NaN, typed later
