@@ -1,5 +1,6 @@
 """Accuracy of the morphometry: vertebral body heights and depth from the shipped detector's
-corners against the same quantities from a reference (``python -m spinecohort.evaluation_morphometry``).
+corners against the same quantities from a reference (``spinecohort evaluate morphometry`` or
+``python -m spinecohort.evaluation_morphometry``).
 
 - Real scans: the public-lumbar validation cases (case number divisible by 5). Reference: the
   expert vertebral-body mask of each body, turned into corners by
@@ -170,7 +171,7 @@ def format_summary(title: str, summary: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m spinecohort.evaluation_morphometry",
+    p = argparse.ArgumentParser(prog="spinecohort evaluate morphometry",
                                 description="Body heights/depth from the detector vs expert masks and phantom geometry.")
     p.add_argument("--model", default=None, help="detector checkpoint (default: the shipped one)")
     p.add_argument("--public-lumbar", nargs="?", const="", default=None, metavar="DIR",
