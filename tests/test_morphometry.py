@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -263,3 +264,26 @@ def test_unlabelled_and_extra_sacral_bodies_get_heights_only():
     assert [r["level"] for r in bodies] == ["L4", "L5", "S1", "S2", None]
     assert bodies[3]["height_anterior_mm"] == pytest.approx(20.0) and math.isnan(bodies[4]["crush_ratio"])
     assert [r["level"] for r in rows if r["kind"] == "disc"] == ["L4-L5", "L5-S1"]
+
+
+PUBLIC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "public-lumbar"
+
+
+@pytest.mark.skipif(not (PUBLIC / "vb3_05.npz").exists(),
+                    reason=f"public-lumbar data not available at {PUBLIC} (a fresh clone has no ../shared)")
+def test_shipped_detector_heights_against_expert_masks_on_one_validation_case():
+    from spinecohort import publiclumbar as pl
+    from spinecohort.detect import Detector
+    from spinecohort.evaluation import DetectionCase, EvalBody
+    from spinecohort.evaluation_morphometry import QUANTITIES, agreement, measure_pairs
+    from spinecohort.shipped import default_model
+
+    real = pl.load_case(PUBLIC / "vb3_05.npz")
+    assert real.split == "val"
+    bodies = [EvalBody(v.centroid, v.polygons, v.level, v.mid_slice) for v in real.vertebrae if v.polygons]
+    case = DetectionCase(real.name, real.volume, real.pixel_spacing_mm, real.slice_spacing_mm, bodies)
+    detections = Detector.load(default_model("detector")).detect(case.volume, case.pixel_spacing_mm)
+    pairs = measure_pairs(detections, case)
+    assert sorted(p["level"] for p in pairs) == ["L1", "L2", "L3", "L4", "L5"]
+    stats = agreement([p["pipeline"][q] - p["reference"][q] for p in pairs for q in QUANTITIES])
+    assert stats["n"] == 20 and stats["mad"] < 2.0, stats
