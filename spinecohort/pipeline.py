@@ -362,10 +362,21 @@ def derived_tables(scans: pd.DataFrame, frames: Mapping[str, pd.DataFrame]) -> d
     """``morphometry`` and ``change`` tables: pure functions of the cohort's vertebra landmarks,
     pixel spacings and grades, so computed here rather than in a per-scan stage (no image needed,
     milliseconds a scan, and they always agree with the tables written beside them)."""
-    from .morphometry import cohort_change, cohort_morphometry
+    from .morphometry import CHANGE_DTYPES, MORPHOMETRY_DTYPES, cohort_change, cohort_morphometry, typed
 
-    morphometry = cohort_morphometry(scans, frames["vertebrae"])
-    return {"morphometry": morphometry, "change": cohort_change(scans, morphometry, frames.get("discs"))}
+    # Per-scan problems are caught inside (a note on the scan's row); anything else must not cost
+    # the cohort its core tables, so it is logged and leaves the typed table empty.
+    try:
+        morphometry = cohort_morphometry(scans, frames["vertebrae"])
+    except Exception:  # noqa: BLE001
+        log.exception("tables/morphometry.parquet: morphometry failed; the table is written empty")
+        morphometry = typed([], MORPHOMETRY_DTYPES)
+    try:
+        change = cohort_change(scans, morphometry, frames.get("discs"))
+    except Exception:  # noqa: BLE001
+        log.exception("tables/change.parquet: change between visits failed; the table is written empty")
+        change = typed([], CHANGE_DTYPES)
+    return {"morphometry": morphometry, "change": change}
 
 
 def _vertebra_stage(stages: list[str]) -> str | None:

@@ -287,3 +287,21 @@ def test_shipped_detector_heights_against_expert_masks_on_one_validation_case():
     assert sorted(p["level"] for p in pairs) == ["L1", "L2", "L3", "L4", "L5"]
     stats = agreement([p["pipeline"][q] - p["reference"][q] for p in pairs for q in QUANTITIES])
     assert stats["n"] == 20 and stats["mad"] < 2.0, stats
+
+
+def test_derived_tables_never_cost_the_core_tables(monkeypatch, caplog):
+    from spinecohort import pipeline
+
+    scans = scans_frame([("p1", "v1")])
+    frames = {"vertebrae": vertebrae_frame({"s0": column()}), "discs": pd.DataFrame()}
+    tables = pipeline.derived_tables(scans, frames)
+    assert (tables["morphometry"]["kind"] == "vertebra").sum() == 6 and len(tables["change"]) == 0
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(mm, "cohort_change", broken)
+    tables = pipeline.derived_tables(scans, frames)
+    assert len(tables["morphometry"]) and len(tables["change"]) == 0
+    assert list(tables["change"].columns) == list(mm.CHANGE_DTYPES)
+    assert "tables/change.parquet" in caplog.text
