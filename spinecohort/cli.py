@@ -66,6 +66,7 @@ DELEGATED = {
     ("train", "grader"): "spinecohort.training.grader",
     ("evaluate", "detection"): "spinecohort.evaluation",
     ("evaluate", "labelling"): "spinecohort.evaluation_labelling",
+    ("evaluate", "morphometry"): "spinecohort.evaluation_morphometry",
 }
 
 

@@ -55,7 +55,9 @@ def report(smk: Any) -> None:
     with _job_logging(smk):
         build_report(smk.params.config, scans=smk.input.scans, discs=smk.input.discs,
                      agreement=smk.input.agreement[0] if smk.input.agreement else None,
-                     labels=smk.input.labels[0] if smk.input.labels else None, out=smk.output[0])
+                     labels=smk.input.labels[0] if smk.input.labels else None, out=smk.output[0],
+                     morphometry=getattr(smk.input, "morphometry", None), change=getattr(smk.input, "change", None),
+                     vertebrae=getattr(smk.input, "vertebrae", None))
 
 
 def demo_cohort(smk: Any) -> None:

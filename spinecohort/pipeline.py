@@ -251,6 +251,8 @@ def table_types(kind: str, columns: list[str]) -> dict[str, pa.DataType]:
     """The Arrow type of each column of cohort table ``kind`` (scans, vertebrae, discs)."""
     if kind == "scans":
         types = dict(SCAN_TYPES)
+    elif kind in ("morphometry", "change"):  # built with explicit pandas dtypes (spinecohort.morphometry)
+        return {}
     else:
         arrow = {"str": _TEXT, "int64": _INT, "float64": _FLOAT}
         types = {c: arrow[str(d)] for c, d in _row_dtypes(kind).items() if str(d) in arrow}
@@ -386,7 +388,7 @@ def shard_models(outdir: str | Path, n_shards: int, stages: list[str]) -> dict[s
 
 def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_shards: int,
                         models: Mapping[str, str] | None = None, created_by: str | None = None) -> dict[str, Path]:
-    """Assemble ``tables/scans|vertebrae|discs.parquet`` from every shard's stage outputs."""
+    """Assemble ``tables/scans|vertebrae|discs|morphometry|change.parquet`` from every shard's stage outputs."""
     outdir = Path(config["outdir"])
     stages = stage_order()
     scans = cohort_scans(config, manifest_file, n_shards, stages)
@@ -416,6 +418,7 @@ def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_
     if models is None:  # the contract's `models`: the weights the stages actually used
         models = shard_models(outdir, n_shards, stages)
     provenance = make_provenance(config, models, created_by)
+    frames.update(derived_tables(scans, frames))
     paths = {}
     for kind, frame in [("scans", scans), *frames.items()]:
         paths[kind] = outdir / "tables" / f"{kind}.parquet"
@@ -440,6 +443,27 @@ def _move_level_summary(scans: pd.DataFrame, vertebrae: pd.DataFrame) -> pd.Data
     scans[flags_column] = [flags.get(s, "no_vertebrae_detected") if good else ""
                            for s, good in zip(scans["scan_id"], ok)]
     return vertebrae.drop(columns=[c for c in SCAN_LEVEL_COLUMNS if c in vertebrae.columns])
+
+
+def derived_tables(scans: pd.DataFrame, frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """``morphometry`` and ``change`` tables: pure functions of the cohort's vertebra landmarks,
+    pixel spacings and grades, so computed here rather than in a per-scan stage (no image needed,
+    milliseconds a scan, and they always agree with the tables written beside them)."""
+    from .morphometry import CHANGE_DTYPES, MORPHOMETRY_DTYPES, cohort_change, cohort_morphometry, typed
+
+    # Per-scan problems are caught inside (a note on the scan's row); anything else must not cost
+    # the cohort its core tables, so it is logged and leaves the typed table empty.
+    try:
+        morphometry = cohort_morphometry(scans, frames["vertebrae"])
+    except Exception:  # noqa: BLE001
+        log.exception("tables/morphometry.parquet: morphometry failed; the table is written empty")
+        morphometry = typed([], MORPHOMETRY_DTYPES)
+    try:
+        change = cohort_change(scans, morphometry, frames.get("discs"))
+    except Exception:  # noqa: BLE001
+        log.exception("tables/change.parquet: change between visits failed; the table is written empty")
+        change = typed([], CHANGE_DTYPES)
+    return {"morphometry": morphometry, "change": change}
 
 
 def _vertebra_stage(stages: list[str]) -> str | None:

@@ -655,6 +655,7 @@ def render_report(
     hotspot_images: Sequence[str | Path] | None = None,
     notes: Sequence[str] | None = None,
     warnings: Sequence[str] | None = None,
+    morphometry: Mapping[str, Any] | None = None,
     title: str = "spinecohort validation report",
     max_thumbnails: int = 60,
 ) -> Path:
@@ -664,6 +665,8 @@ def render_report(
     ``None`` means no radiologist labels were configured, which the report states plainly.
     ``qc_images`` maps scan_id to a PNG/JPEG path; at most ``max_thumbnails`` are embedded.
     ``warnings``: counted input warnings (:func:`input_warnings`), listed in their own section.
+    ``morphometry``: the morphometry/change sections' context
+    (:func:`spinecohort.report_morphometry.morphometry_context`); None omits them.
     """
     notes = [str(n) for n in (notes or [])]
     qc = []
@@ -698,6 +701,7 @@ def render_report(
         "qc": qc,
         "qc_total": len(qc_items),
         "hotspots": hotspots,
+        "morphometry": morphometry,
         "provenance": prov_rows,
         "models": models,
         "environment": env,

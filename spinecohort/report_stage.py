@@ -10,8 +10,10 @@ from .provenance import read_provenance
 
 
 def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | Path, agreement: str | Path | None,
-                 labels: str | Path | None, out: str | Path) -> None:
+                 labels: str | Path | None, out: str | Path, morphometry: str | Path | None = None,
+                 change: str | Path | None = None, vertebrae: str | Path | None = None) -> None:
     from .report import input_warnings, render_report
+    from .report_morphometry import morphometry_context
     from .stats import _read_table
 
     outdir = Path(config["outdir"])
@@ -22,6 +24,11 @@ def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | P
     qc_images = {p.stem: p for p in sorted(qc_dir.glob("*.png"))} if config.get("qc", True) else {}
     hotspot_dir = outdir / "report" / "hotspots"
     hotspots = sorted(hotspot_dir.glob("*.png")) if hotspot_dir.exists() else []
+    morphometry_ctx = morphometry_context(
+        pd.read_parquet(morphometry) if morphometry and Path(morphometry).exists() else None,
+        pd.read_parquet(change) if change and Path(change).exists() else None,
+        pd.read_parquet(vertebrae) if vertebrae and Path(vertebrae).exists() else None,
+        outdir / "work" / "series")
     notes = []
     if agreement is None:
         notes.append("No radiologist labels were configured (config key `labels`), so the agreement stage was skipped.")
@@ -39,4 +46,5 @@ def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | P
         hotspot_images=hotspots,
         notes=notes,
         warnings=input_warnings(scans_table, labels_table),
+        morphometry=morphometry_ctx,
     )

@@ -22,6 +22,9 @@ rule report:
     input:
         scans=f"{OUT}/tables/scans.parquet",
         discs=f"{OUT}/tables/discs.parquet",
+        vertebrae=f"{OUT}/tables/vertebrae.parquet",
+        morphometry=f"{OUT}/tables/morphometry.parquet",
+        change=f"{OUT}/tables/change.parquet",
         agreement=[f"{OUT}/tables/agreement.parquet"] if LABELS is not None else [],
         labels=[str(LABELS)] if LABELS is not None else [],
     output:

@@ -7,6 +7,8 @@ rule cohort_tables:
         scans=f"{OUT}/tables/scans.parquet",
         vertebrae=f"{OUT}/tables/vertebrae.parquet",
         discs=f"{OUT}/tables/discs.parquet",
+        morphometry=f"{OUT}/tables/morphometry.parquet",
+        change=f"{OUT}/tables/change.parquet",
     params:
         config=PIPELINE_CFG,
         n_shards=len(SHARDS),
