@@ -616,10 +616,8 @@ def calibrate_thresholds(detector, cases, grid: Sequence[float] = (0.15, 0.2, 0.
                          score_grid: Sequence[float] = (0.0, 0.2, 0.25, 0.3, 0.35, 0.4),
                          log=print) -> dict[str, Any]:
     """Pick the corner and centroid thresholds and the minimum vertebra score maximising
-    precision + recall (then the lowest thresholds, then the lowest localisation error) on
-    ``cases``; sets them in ``detector.config`` and returns the table. Among equally perfect
-    settings the most permissive wins: on new scans a missed body costs a level (the labeller
-    counts bodies), while the error differences between tied settings are hundredths of a mm."""
+    precision + recall (then the lowest localisation error, then the lowest thresholds) on
+    ``cases``; sets them in ``detector.config`` and returns the table."""
     from ..evaluation import match_detections
 
     maps = []
@@ -643,8 +641,8 @@ def calibrate_thresholds(detector, cases, grid: Sequence[float] = (0.15, 0.2, 0.
                 rec = found / n if n else 0.0
                 table.append({"corner": ct, "centroid": mt, "min_score": ms, "precision": prec, "recall": rec,
                               "error_mm": float(np.mean(err)) if err else float("inf")})
-    best = max(table, key=lambda r: (round(r["precision"] + r["recall"], 4),
-                                     -(r["corner"] + r["centroid"] + r["min_score"]), -round(r["error_mm"], 2)))
+    best = max(table, key=lambda r: (round(r["precision"] + r["recall"], 4), -round(r["error_mm"], 2),
+                                     -(r["corner"] + r["centroid"] + r["min_score"])))
     detector.config.corner_threshold = float(best["corner"])
     detector.config.centroid_threshold = float(best["centroid"])
     detector.config.min_score = float(best["min_score"])
