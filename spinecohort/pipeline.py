@@ -225,7 +225,7 @@ def run_shard_stage(stage_name: str, config: Mapping[str, Any], manifest_file: s
 # ----------------------------------------------------------------------------- cohort tables
 SCAN_COLUMNS = ["scan_id", "subject_id", "site", "visit", "status", "failed_stage", "error",
                 "series_uid", "series_description", "n_slices", "rows", "cols", "pixel_spacing_mm",
-                "slice_spacing_mm", "fov", "n_vertebrae", "n_discs"]
+                "slice_spacing_mm", "fov", "n_vertebrae", "n_discs", "grading_slices"]
 
 
 def cohort_scans(config: Mapping[str, Any], manifest_file: str | Path, n_shards: int,
@@ -267,7 +267,7 @@ def cohort_scans(config: Mapping[str, Any], manifest_file: str | Path, n_shards:
         merged = merged.merge(info, on="scan_id", how="left")
     for column in SCAN_COLUMNS:
         if column not in merged.columns:
-            merged[column] = np.nan if column.startswith("n_") else ""
+            merged[column] = np.nan if column.startswith("n_") or column == "grading_slices" else ""
     extra = [c for c in merged.columns if c not in SCAN_COLUMNS]
     return merged[SCAN_COLUMNS + extra]
 
@@ -300,7 +300,8 @@ def empty_rows(kind: str) -> pd.DataFrame:
         dtypes = {"scan_id": "str", "subject_id": "str", "site": "str", "level": "str",
                   "upper_vertebra_id": "int64", "lower_vertebra_id": "int64",
                   **{f"centre_{a}": "float64" for a in ("slice", "row", "col", "x_mm", "y_mm", "z_mm")},
-                  "angle_deg": "float64", "width_mm": "float64", "height_mm": "float64", "box_corners": "object"}
+                  "angle_deg": "float64", "width_mm": "float64", "height_mm": "float64", "box_corners": "object",
+                  "grading_slices": "int64"}
         for task in TASK_NAMES:
             dtypes.update({task: "int64", f"{task}_probs": "object"})
         dtypes["model_id"] = "str"
@@ -347,6 +348,7 @@ def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_
         counts = frames[kind].groupby("scan_id").size() if len(frames[kind]) else pd.Series(dtype=int)
         scans[f"n_{kind}"] = [int(counts.get(s, 0)) if status == "ok" else np.nan
                               for s, status in zip(scans["scan_id"], scans["status"])]
+    scans["grading_slices"] = _grading_slices(scans, frames["discs"])
     if models is None:  # the contract's `models`: the weights the stages actually used
         models = shard_models(outdir, n_shards, stages)
     provenance = make_provenance(config, models, created_by)
@@ -355,6 +357,16 @@ def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_
         paths[kind] = outdir / "tables" / f"{kind}.parquet"
         write_table(frame, paths[kind], provenance)
     return paths
+
+
+def _grading_slices(scans: pd.DataFrame, discs: pd.DataFrame) -> list[float]:
+    """Per scan, the most source slices any of its graded disc volumes holds (1 for a
+    single-slice series, at most the IVV's 9); NaN where no disc was graded."""
+    if not len(discs) or "grading_slices" not in discs.columns:
+        return [np.nan] * len(scans)
+    most = pd.to_numeric(discs["grading_slices"], errors="coerce").groupby(discs["scan_id"]).max()
+    return [float(most[s]) if s in most.index and status == "ok" else np.nan
+            for s, status in zip(scans["scan_id"], scans["status"])]
 
 
 def _vertebra_stage(stages: list[str]) -> str | None:

@@ -38,7 +38,9 @@ def canonical_flips(series: Series) -> tuple[bool, bool, bool]:
 def canonical_volume(series: Series) -> np.ndarray:
     flips = canonical_flips(series)
     axes = tuple(axis for axis, flip in enumerate(flips) if flip)
-    return np.ascontiguousarray(np.flip(series.volume, axis=axes) if axes else series.volume)
+    # a copy, not np.ascontiguousarray: numpy calls a flip of a length-1 axis (a one-slice
+    # series) contiguous and keeps its negative stride, which torch rejects
+    return np.flip(series.volume, axis=axes).copy() if axes else np.ascontiguousarray(series.volume)
 
 
 def flip_points(series: Series, points: np.ndarray) -> np.ndarray:
@@ -206,6 +208,8 @@ class ExtractDiscsStage(Stage):
                 "angle_deg": float(np.degrees(ivv.angle_rad)),
                 "width_mm": float(ivv.width_px * col_mm), "height_mm": float(ivv.height_px * row_mm),
                 "box_corners": [float(v) for v in next(iter(box.values())).reshape(-1)],
+                # source slices the IVV holds (the rest is zero padding): what grading sees
+                "grading_slices": int(sum(s >= 0 for s in ivv.slices)),
             })
         return pd.DataFrame(records)
 
