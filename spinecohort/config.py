@@ -9,6 +9,8 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
+from .schemes import DEFAULT_READING_SCHEMES, parse_reading_schemes
+
 DEFAULTS: dict[str, Any] = {
     "manifest": None,
     "labels": None,
@@ -22,6 +24,8 @@ DEFAULTS: dict[str, Any] = {
     "tta": 4,
     "hotspots": "report",
     "agreement": {"bootstrap": 2000, "seed": 0},
+    # labels columns on another scale, mapped onto a binary view of model tasks (spinecohort.schemes)
+    "reading_schemes": copy.deepcopy(DEFAULT_READING_SCHEMES),
     "qc": True,
     # `snakemake train_grader`: patient-level k-fold CV of the grader on the labelled discs.
     "grader_training": {"k": 5, "seed": 0, "init_weights": "shipped", "readers": None, "steps": None,
@@ -73,6 +77,10 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
     except jsonschema.ValidationError as error:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise ConfigError(f"config key {where}: {error.message}") from None
+    try:
+        parse_reading_schemes(merged["reading_schemes"])
+    except ValueError as error:
+        raise ConfigError(f"config key {error}") from None
     return merged
 
 
