@@ -35,7 +35,9 @@ of one stratum, so a bootstrap resample only needs a re-weighted C.
 
 * ``accuracy``: trace(C) / n.
 * ``balanced_accuracy``: mean over the reference's observed classes of per-class recall
-  (Brodersen et al. 2010, ICPR; the scikit-learn definition).
+  (Brodersen et al. 2010, ICPR; the scikit-learn definition). For binary tasks it is undefined
+  (NaN) unless the reference has both a positive and a negative disc: with one class it would
+  only repeat specificity or sensitivity under a name that promises both.
 * ``cohen_kappa``: (p_o - p_e) / (1 - p_e) (Cohen 1960, Educ Psychol Meas 20:37-46).
 * ``kappa_linear``/``kappa_quadratic``: weighted kappa (Cohen 1968, Psychol Bull 70:213-220) with
   agreement weights 1 - |i-j|/(K-1) and 1 - (i-j)^2/(K-1)^2 on the full grade scale of the task
@@ -323,6 +325,10 @@ def confusion_metrics(conf: np.ndarray, grades: Sequence[float], *, binary: bool
     with np.errstate(divide="ignore", invalid="ignore"):
         recall = np.where(present, diag / np.where(present, row, 1.0), 0.0)
     out["balanced_accuracy"] = _safe_div(recall.sum(axis=-1), present.sum(axis=-1))
+    if binary:
+        # with one reference class the mean recall is just specificity (or sensitivity)
+        # passed off as a balanced figure: undefined instead
+        out["balanced_accuracy"] = np.where(present.all(axis=-1), out["balanced_accuracy"], np.nan)
     eye = _weights(k, "identity")
     out["cohen_kappa"] = _kappa(p, pr, pc, eye)
     out["gwet_ac1"] = _gwet(p, pr, pc, eye) if k > 1 else np.full(n.shape, np.nan)
@@ -425,8 +431,10 @@ def _nan_reason(metric: str, conf: np.ndarray) -> str:
     used_mod = int((c.sum(0) > 0).sum())
     if metric in ("cohen_kappa", "kappa_linear", "kappa_quadratic"):
         return "undefined: chance agreement p_e = 1 (both raters used one and the same grade)"
-    if metric == "sensitivity":
+    if metric == "sensitivity" or (metric == "balanced_accuracy" and c.shape[0] == 2 and c[1].sum() == 0):
         return "undefined: no positive disc in the reference"
+    if metric == "balanced_accuracy" and c.shape[0] == 2 and c[0].sum() == 0:
+        return "undefined: no negative disc in the reference"
     if metric == "specificity":
         return "undefined: no negative disc in the reference"
     if metric == "mcc":
