@@ -1,6 +1,7 @@
 """The ``report`` rule: read the cohort tables and render ``report/validation.html``."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +22,13 @@ def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | P
     qc_images = {p.stem: p for p in sorted(qc_dir.glob("*.png"))} if config.get("qc", True) else {}
     hotspot_dir = outdir / "report" / "hotspots"
     hotspots = sorted(hotspot_dir.glob("*.png")) if hotspot_dir.exists() else []
+    provenance = read_provenance(discs)
+    from .shipped import training_records
+
+    raw_models = provenance.get("models")
+    models = json.loads(raw_models) if isinstance(raw_models, str) and raw_models.strip().startswith("{") else {}
+    # a team's own grader (models.grader) has its record (grader.json) beside it
+    training = training_records(models, (config.get("models") or {}).get("grader"))
     notes = []
     if agreement is None:
         notes.append("No radiologist labels were configured (config key `labels`), so the agreement stage was skipped.")
@@ -31,8 +39,10 @@ def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | P
         agreement=agreement_table,
         confusion=confusion,
         labels=pd.read_csv(labels) if labels else None,
-        provenance=read_provenance(discs),
+        provenance=provenance,
         qc_images=qc_images,
         hotspot_images=hotspots,
         notes=notes,
+        training=training,
+        reading_schemes=config.get("reading_schemes"),
     )

@@ -221,8 +221,10 @@ class GradeStage(Stage):
     config_keys = ("models.family", "models.dir", "models.precision", "models.grader", "tta", "hotspots")
     after = "extract_discs"
     needs_rows_of = ("extract_discs",)
-    # Hotspot montages per shard when config hotspots = report: examples, not every disc.
-    REPORT_EXAMPLES_PER_SHARD = 2
+    # Discs per shard with hotspot montages when config hotspots = report: examples, not every
+    # disc. Each gets one montage per task (11 backward passes), so a reviewer of any task has
+    # examples; one disc keeps that to about the cost of grading two more scans.
+    REPORT_EXAMPLES_PER_SHARD = 1
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
@@ -273,7 +275,11 @@ class GradeStage(Stage):
         for index, level in enumerate(rows["level"]):
             if mode == "all" or (mode == "report" and self._examples_left > 0):
                 self._examples_left -= 1
-                heat = self.grader.hotspots(ivvs[index], "Pfirrmann")
-                target = Path(self.config["outdir"]) / "report" / "hotspots" / f"{scan.scan_id}_{level}.png"
-                hotspot_montage(ivvs[index], heat, target)
+                # every task: a reviewer checks the evidence for the task under review
+                for task in TASKS:
+                    heat = self.grader.hotspots(ivvs[index], task.name)
+                    grade = rows.at[index, task.name]
+                    target = (Path(self.config["outdir"]) / "report" / "hotspots"
+                              / f"{scan.scan_id}_{level}_{task.name}.png")
+                    hotspot_montage(ivvs[index], heat, target, title=f"{scan.scan_id} {level}: {task.name} {grade}")
         return rows
