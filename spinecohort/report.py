@@ -165,9 +165,9 @@ def flagged_level_scans(scans: pd.DataFrame | None, qc_images: Mapping[str, str 
 
 
 def _training_context(training: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    rows = [dict(r) for r in training]
-    warnings = [f"{r['model']}: {r['warning']}" for r in rows if r.get("warning")]
-    return {"rows": rows, "warnings": warnings,
+    order = {"detect": 0, "detect-vfr": 0, "label": 1, "appearance": 1, "context": 2, "grade": 3, "grading": 3}
+    rows = sorted((dict(r) for r in training), key=lambda r: (order.get(r.get("stage", ""), 9), r["model"]))
+    return {"rows": rows,
             "synthetic_graders": [r["model"] for r in rows if r.get("stage") == "grade" and r.get("kind") == "synthetic"]}
 
 

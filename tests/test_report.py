@@ -242,7 +242,7 @@ def test_intervals_not_computed_say_why_and_undefined_metrics_say_undefined(tmp_
     # balanced accuracy with no positive reference disc: undefined, with the reason in view
     assert '>undefined<span class="sub">no positive disc in the reference</span>' in html
     # a labels column that nothing reads is listed, not dropped
-    assert "SPIDER_Bulging" in html and "not compared: matches no model task and no reading scheme" in html
+    assert "SPIDER_Bulging" in html and "matches no model task and no reading scheme (config reading_schemes); not compared" in html
 
 
 def test_hotspots_are_grouped_by_task(tmp_path, png):
