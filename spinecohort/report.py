@@ -369,10 +369,14 @@ def _forest_plot(task: str, pooled: pd.DataFrame, comps: list[str], colours: dic
         rows = pooled[pooled["comparison"] == comp].set_index("metric")
         ys, xs, lo, hi = [], [], [], []
         for i, m in enumerate(metrics):
-            if m not in rows.index or not _finite(rows.loc[m, "estimate"]):
+            if m not in rows.index:
+                continue
+            y = i + (j - (n - 1) / 2) * (0.7 / max(n, 1))
+            if not _finite(rows.loc[m, "estimate"]):  # undefined for these data: say so, no point
+                ax.text(0.01, y, "undefined", fontsize=7.5, color=colours[comp], va="center", style="italic")
                 continue
             est = float(rows.loc[m, "estimate"])
-            ys.append(i + (j - (n - 1) / 2) * (0.7 / max(n, 1)))
+            ys.append(y)
             xs.append(est)
             lo.append(est - float(rows.loc[m, "ci_low"]) if _finite(rows.loc[m, "ci_low"]) else 0)
             hi.append(float(rows.loc[m, "ci_high"]) - est if _finite(rows.loc[m, "ci_high"]) else 0)
