@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "graded_discs": ["T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"],
     "tta": 4,
     "hotspots": "report",
+    "hotspot_tasks": None,  # tasks with hotspot montages; None = every task
     "agreement": {"bootstrap": 2000, "seed": 0},
     # labels columns on another scale, mapped onto a binary view of model tasks (spinecohort.schemes)
     "reading_schemes": copy.deepcopy(DEFAULT_READING_SCHEMES),

@@ -218,12 +218,13 @@ class ExtractDiscsStage(Stage):
 @register_stage
 class GradeStage(Stage):
     name = "grade"
-    config_keys = ("models.family", "models.dir", "models.precision", "models.grader", "tta", "hotspots")
+    config_keys = ("models.family", "models.dir", "models.precision", "models.grader", "tta", "hotspots",
+                   "hotspot_tasks")
     after = "extract_discs"
     needs_rows_of = ("extract_discs",)
     # Discs per shard with hotspot montages when config hotspots = report: examples, not every
-    # disc. Each gets one montage per task (11 backward passes), so a reviewer of any task has
-    # examples; one disc keeps that to about the cost of grading two more scans.
+    # disc. Each gets one montage per task of config hotspot_tasks (one backward pass each), so a
+    # reviewer of any task has examples at the cost of a few more graded discs.
     REPORT_EXAMPLES_PER_SHARD = 1
 
     def __init__(self, config: Mapping[str, Any]):
@@ -257,7 +258,7 @@ class GradeStage(Stage):
     def run_scan(self, scan: ScanContext) -> pd.DataFrame:
         from .discs import load_ivvs
         from .grade import hotspot_montage
-        from .tasks import TASKS
+        from .tasks import TASK_NAMES, TASKS
 
         rows = scan.previous["extract_discs"].reset_index(drop=True)
         if not len(rows):
@@ -272,12 +273,14 @@ class GradeStage(Stage):
             rows[f"{task.name}_probs"] = [[float(v) for v in p] for p in probabilities]
         rows["model_id"] = self.model_id
         mode = self.config.get("hotspots", "report")
+        hotspot_tasks = set(self.config.get("hotspot_tasks") or TASK_NAMES)
         for index, level in enumerate(rows["level"]):
             if mode == "all" or (mode == "report" and self._examples_left > 0):
                 self._examples_left -= 1
-                # every task: a reviewer checks the evidence for the task under review
-                for task in TASKS:
-                    heat = self.grader.hotspots(ivvs[index], task.name)
+                # the tasks under review (default all): a single gradient pass each, the
+                # augmented average would multiply the cost by the tasks' number again
+                for task in [t for t in TASKS if t.name in hotspot_tasks]:
+                    heat = self.grader.hotspots(ivvs[index], task.name, n_aug=1)
                     grade = rows.at[index, task.name]
                     target = (Path(self.config["outdir"]) / "report" / "hotspots"
                               / f"{scan.scan_id}_{level}_{task.name}.png")
