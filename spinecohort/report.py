@@ -67,7 +67,7 @@ ACQUISITION_COLUMNS = (
     ("n_slices", "slices"), ("rows", "rows"), ("cols", "columns"),
     ("pixel_spacing_mm", "pixel spacing (mm)"), ("slice_spacing_mm", "slice spacing (mm)"),
     ("fov", "field of view"), ("n_vertebrae", "vertebrae detected"),
-    ("n_discs", "discs graded"),
+    ("n_discs", "discs graded"), ("grading_slices", "slices per disc volume graded"),
 )
 
 
