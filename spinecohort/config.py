@@ -9,6 +9,8 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
+from .schemes import DEFAULT_READING_SCHEMES, parse_reading_schemes
+
 DEFAULTS: dict[str, Any] = {
     "manifest": None,
     "labels": None,
@@ -21,7 +23,10 @@ DEFAULTS: dict[str, Any] = {
     "graded_discs": ["T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"],
     "tta": 4,
     "hotspots": "report",
+    "hotspot_tasks": None,  # tasks with hotspot montages; None = every task
     "agreement": {"bootstrap": 2000, "seed": 0},
+    # labels columns on another scale, mapped onto a binary view of model tasks (spinecohort.schemes)
+    "reading_schemes": copy.deepcopy(DEFAULT_READING_SCHEMES),
     "qc": True,
     "keep_series_uid": False,
     # `snakemake train_grader`: patient-level k-fold CV of the grader on the labelled discs.
@@ -81,6 +86,10 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"config key outdir: {merged['outdir']!r} is {'the file-system root' if outdir == Path(outdir.anchor) else 'the home folder'}; give a folder of its own, e.g. results")
     if outdir.exists() and not outdir.is_dir():
         raise ConfigError(f"config key outdir: {merged['outdir']!r} exists and is not a folder")
+    try:
+        parse_reading_schemes(merged["reading_schemes"])
+    except ValueError as error:
+        raise ConfigError(f"config key {error}") from None
     return merged
 
 

@@ -19,7 +19,7 @@ pixels. The stage:
    length); one missing corner is rebuilt from the opposite corner's arrow, more missing
    corners drop the centroid;
 4. groups slice quadrilaterals across slices by polygon IoU (largest first) and removes
-   single-slice detections.
+   single-slice detections (a one-slice series keeps them: that slice is all there is).
 
 Polygons come back in the ingested series' pixel grid, corners (row, col) ordered
 superior-anterior, superior-posterior, inferior-posterior, inferior-anterior, vertebrae sorted
@@ -761,10 +761,13 @@ class Detector:
             for q in quads:  # network grid -> ingested grid
                 q.quad = np.stack([(q.quad[:, 0] + 0.5) / fr - 0.5, (q.quad[:, 1] + 0.5) / fc - 0.5], axis=1)
             per_slice[s] = quads
-        groups = group_across_slices(per_slice, cfg.group_iou, cfg.max_slice_gap, cfg.min_slices,
+        # A series with fewer slices than min_slices (a single sagittal slice) cannot show a
+        # body on min_slices slices: every slice's quads count, not none.
+        min_slices = min(cfg.min_slices, arr.shape[0])
+        groups = group_across_slices(per_slice, cfg.group_iou, cfg.max_slice_gap, min_slices,
                                      cfg.merge_iou, cfg.merge_max_gap)
         verts = [v for v in (_vertebra_from_group(g) for g in groups) if v.score >= cfg.min_score]
-        if cfg.lateral_check:
+        if cfg.lateral_check and arr.shape[0] > 1:  # one slice: nothing lies lateral to it
             verts = drop_lateral(verts)
         verts.sort(key=lambda v: (-v.centroid[1], v.centroid[2]))
         return verts

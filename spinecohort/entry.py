@@ -72,7 +72,8 @@ def agreement(smk: Any) -> None:
 
     with _job_logging(smk):
         run_agreement(smk.input.discs, smk.input.labels, smk.output.agreement, n_bootstrap=int(smk.params.bootstrap),
-                      seed=int(smk.params.seed), created_by=_created_by(smk))
+                      seed=int(smk.params.seed), created_by=_created_by(smk),
+                      reading_schemes=smk.params.reading_schemes)
 
 
 # ----------------------------------------------------------------------------- train_grader target

@@ -20,7 +20,7 @@ Evidence hotspots (Jamaludin et al. 2017, section 3): for a task, the magnitude 
 of the predicted class's score (its logit; for a mapped class, the log-sum-exp of the logits
 mapped to it) with respect to the input voxels, averaged over ``n_aug`` augmented copies
 (identity plus seeded integer shifts with a little noise), each copy's map shifted back onto the
-IVV grid. :func:`hotspot_montage` draws one small PNG per disc.
+IVV grid. :func:`hotspot_montage` draws one PNG per disc and task, large enough to read.
 """
 from __future__ import annotations
 
@@ -266,8 +266,9 @@ def grades_frame(keys: Sequence[Mapping[str, Any]], probs: Sequence[Mapping[str,
 # ----------------------------------------------------------------------------- montage
 def hotspot_montage(ivv: np.ndarray, heat: np.ndarray, path: str | Path, title: str | None = None,
                     slices: Sequence[int] | None = None) -> Path:
-    """Small PNG: chosen IVV slices (default every other slice, 0 2 4 6 8) in grey with the hotspot
-    map (normalised to its 99.5th percentile) overlaid in red-yellow."""
+    """PNG large enough to read in the report: chosen IVV slices (default every other slice that
+    holds image data, so a single-slice IVV shows its one slice, not empty padding) in grey with
+    the hotspot map (normalised to its 99.5th percentile) overlaid in red-yellow."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,18 +278,23 @@ def hotspot_montage(ivv: np.ndarray, heat: np.ndarray, path: str | Path, title: 
     heat = np.asarray(heat, np.float32)
     if vol.shape != heat.shape:
         raise ValueError("ivv and heat must have the same shape")
-    ks = list(slices) if slices is not None else list(range(0, vol.shape[0], 2))
+    if slices is not None:
+        ks = list(slices)
+    else:
+        filled = [k for k in range(vol.shape[0]) if vol[k].any()] or list(range(vol.shape[0]))
+        ks = filled[::2] if len(filled) > 5 else filled
     top = float(np.percentile(heat, 99.5)) or float(heat.max()) or 1.0
     h = np.clip(heat / top, 0.0, 1.0)
-    fig, axes = plt.subplots(1, len(ks), figsize=(1.6 * len(ks), 1.0 + (0.2 if title else 0.0)), dpi=100)
+    panel = max(2.8, 8.0 / len(ks))  # inches per slice (IVV aspect 2:1); at least 8 in overall
+    fig, axes = plt.subplots(1, len(ks), figsize=(panel * len(ks), panel / 2 + 0.45), dpi=100)
     axes = np.atleast_1d(axes)
     for ax, k in zip(axes, ks):
         ax.imshow(vol[k], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.imshow(h[k], cmap="hot", alpha=np.clip(h[k] * 0.9, 0, 0.9), vmin=0.0, vmax=1.0, interpolation="bilinear")
-        ax.set_title(f"slice {k}", fontsize=6)
+        ax.set_title(f"IVV slice {k}", fontsize=9)
         ax.axis("off")
     if title:
-        fig.suptitle(title, fontsize=7)
+        fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.8 if title else 0.88, wspace=0.05)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Ingestion: a manifest ``path`` (DICOM folder, ``.zip`` or NIfTI) -> one sagittal volume.
+"""Ingestion: a manifest ``path`` (DICOM folder, ``.zip`` or NIfTI) -> one sagittal volume
+(a single sagittal slice, DICOM or 2-D NIfTI, is a volume of one slice).
 
 The volume is float32 ``(slices, rows, cols)``: slices ordered by increasing position along the
 slice normal (never by file name or InstanceNumber), rows and cols as stored. ``affine`` maps
@@ -506,7 +507,7 @@ def _ingest_dicom(path: Path, scan_id: str, selector: str | None, budget: _Budge
     if len(frames) > MAX_SLICES:
         raise IngestError(f"scan {scan_id}: file {frames[0].source.label}: {len(frames)} slices, over the bound of {MAX_SLICES}")
     _check_size(scan_id, frames[0].source.label, (len(frames), frames[0].rows, frames[0].cols))
-    affine = _affine(frames)
+    affine = _affine(frames, _single_slice_mm(chosen.header))
     first = frames[0]
     _check_extent(scan_id, first.source.label, (len(frames), first.rows, first.cols),
                   np.array([np.linalg.norm(affine[:3, 0]), *first.pixel_spacing]))
@@ -586,7 +587,8 @@ def _sort_and_check(group: _SeriesGroup, scan: str) -> tuple[list[_Frame], list[
             continue
         kept.append(frame)
     if len(kept) < 2:
-        raise IngestError(f"scan {scan}: file {ref.source.label}: series has a single slice position, not a volume")
+        # A single sagittal slice (2-D export, key image) is a 1-slice series, processed as such.
+        return kept, warnings
     steps = np.diff([float(f.position @ normal) for f in kept])
     typical = float(np.median(steps))
     gaps = np.flatnonzero(steps > MISSING_SLICE_GAP_FACTOR * typical)
@@ -594,6 +596,18 @@ def _sort_and_check(group: _SeriesGroup, scan: str) -> tuple[list[_Frame], list[
         n_missing = int(round(steps[gap] / typical)) - 1
         warnings.append(f"{n_missing} slice(s) missing after slice {gap} ({kept[gap].source.label}); spacing {steps[gap]:.2f} mm vs {typical:.2f} mm")
     return kept, warnings
+
+
+def _single_slice_mm(header: pydicom.Dataset) -> float:
+    """Nominal slice step of a one-slice series: SpacingBetweenSlices, else SliceThickness, else 1."""
+    for key in ("SpacingBetweenSlices", "SliceThickness"):
+        try:
+            value = float(header.get(key) or 0)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value) and value > 0:
+            return value
+    return 1.0
 
 
 def _read_pixels(frames: list[_Frame], scan: str, budget: _Budget) -> np.ndarray:
@@ -621,11 +635,17 @@ def _read_pixels(frames: list[_Frame], scan: str, budget: _Budget) -> np.ndarray
     return volume
 
 
-def _affine(frames: list[_Frame]) -> np.ndarray:
+def _affine(frames: list[_Frame], single_slice_mm: float = 1.0) -> np.ndarray:
+    """``single_slice_mm``: the step along the normal when there is one slice (no neighbour to
+    measure it from; the slice thickness, else 1 mm): it only scales the slice axis of a grid
+    with one slice, so it never places anything."""
     first, last = frames[0], frames[-1]
     n = len(frames)
-    slice_step = (last.position - first.position) / (n - 1)
     normal = first.normal / np.linalg.norm(first.normal)
+    if n == 1:
+        slice_step = normal * single_slice_mm
+    else:
+        slice_step = (last.position - first.position) / (n - 1)
     # Keep only the component along the normal: a sheared stack is treated as its nominal grid.
     slice_step = normal * float(slice_step @ normal)
     affine = np.eye(4)
@@ -652,8 +672,10 @@ def _ingest_nifti(path: Path, scan_id: str, budget: _Budget) -> Series:
         raise IngestError(f"scan {scan_id}: file {path}: not a readable NIfTI image ({detail})") from error
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
+    if data.ndim == 2:  # a 2-D slice: its affine's third column is the slice normal
+        data = data[..., None]
     if data.ndim != 3:
-        raise IngestError(f"scan {scan_id}: file {path}: NIfTI image has {data.ndim} dimensions, expected 3")
+        raise IngestError(f"scan {scan_id}: file {path}: NIfTI image has {data.ndim} dimensions, expected 2 or 3")
     if not all(data.shape):
         raise IngestError(f"scan {scan_id}: file {path}: NIfTI image of shape {data.shape} holds no voxels")
     # NIfTI is RAS; DICOM patient space is LPS.
@@ -668,7 +690,9 @@ def _ingest_nifti(path: Path, scan_id: str, budget: _Budget) -> Series:
                           f"(voxel sizes {np.round(spacings, 4).tolist()} mm)")
     directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     # Slice axis: closest to left-right; row axis: closest to superior-inferior; col: the other.
-    slice_axis = int(np.argmax(np.abs(directions[0])))
+    # A single slice's one-voxel axis is its slice axis whatever the affine says.
+    singleton = [a for a in range(3) if data.shape[a] == 1]
+    slice_axis = singleton[0] if len(singleton) == 1 else int(np.argmax(np.abs(directions[0])))
     rest = [a for a in range(3) if a != slice_axis]
     row_axis = max(rest, key=lambda a: abs(directions[2, a]))
     col_axis = next(a for a in rest if a != row_axis)

@@ -232,7 +232,7 @@ def run_shard_stage(stage_name: str, config: Mapping[str, Any], manifest_file: s
 # ----------------------------------------------------------------------------- cohort tables
 SCAN_COLUMNS = ["scan_id", "subject_id", "site", "visit", "status", "failed_stage", "error",
                 "series_key", "series_description", "n_slices", "rows", "cols", "pixel_spacing_mm",
-                "slice_spacing_mm", "fov", "n_vertebrae", "n_discs"]
+                "slice_spacing_mm", "fov", "n_vertebrae", "n_discs", "grading_slices"]
 
 # One Arrow type per column, whatever fails (contract): counts are nullable integers, so a failed
 # scan's blank leaves them integers; columns not listed keep their inferred type (typed_frame).
@@ -241,7 +241,7 @@ SCAN_TYPES: dict[str, pa.DataType] = {
     **{c: _TEXT for c in ("scan_id", "subject_id", "site", "visit", "series", "status", "failed_stage", "error",
                           "series_key", "series_uid", "series_description", "series_choice", "fov",
                           "ingest_warnings", "level_flags")},
-    **{c: _INT for c in ("n_slices", "rows", "cols", "n_vertebrae", "n_discs")},
+    **{c: _INT for c in ("n_slices", "rows", "cols", "n_vertebrae", "n_discs", "grading_slices")},
     "pixel_spacing_mm": _FLOATS, "slice_spacing_mm": _FLOAT, "level_confidence": _FLOAT,
 }
 _POLYGONS = pa.list_(pa.struct([("slice", pa.int64()), ("corners", _FLOATS)]))
@@ -329,7 +329,7 @@ def cohort_scans(config: Mapping[str, Any], manifest_file: str | Path, n_shards:
     # run's table has the same columns
     for column in columns + ["series_choice", "ingest_warnings"]:
         if column not in merged.columns:
-            merged[column] = np.nan if column.startswith("n_") else ""
+            merged[column] = np.nan if column.startswith("n_") or column == "grading_slices" else ""
     extra = [c for c in merged.columns if c not in columns and c != "series_uid"]
     return merged[columns + extra]
 
@@ -366,7 +366,8 @@ def _row_dtypes(kind: str) -> dict[str, str]:
         dtypes = {"scan_id": "str", "subject_id": "str", "site": "str", "level": "str",
                   "upper_vertebra_id": "int64", "lower_vertebra_id": "int64",
                   **{f"centre_{a}": "float64" for a in ("slice", "row", "col", "x_mm", "y_mm", "z_mm")},
-                  "angle_deg": "float64", "width_mm": "float64", "height_mm": "float64", "box_corners": "object"}
+                  "angle_deg": "float64", "width_mm": "float64", "height_mm": "float64", "box_corners": "object",
+                  "grading_slices": "int64"}
         for task in TASK_NAMES:
             dtypes.update({task: "int64", f"{task}_probs": "object"})
         dtypes["model_id"] = "str"
@@ -415,6 +416,7 @@ def write_cohort_tables(config: Mapping[str, Any], manifest_file: str | Path, n_
         counts = frames[kind].groupby("scan_id").size() if len(frames[kind]) else pd.Series(dtype=int)
         scans[f"n_{kind}"] = [int(counts.get(s, 0)) if status == "ok" else np.nan
                               for s, status in zip(scans["scan_id"], scans["status"])]
+    scans["grading_slices"] = _grading_slices(scans, frames["discs"])
     if models is None:  # the contract's `models`: the weights the stages actually used
         models = shard_models(outdir, n_shards, stages)
     provenance = make_provenance(config, models, created_by)
@@ -464,6 +466,16 @@ def derived_tables(scans: pd.DataFrame, frames: Mapping[str, pd.DataFrame]) -> d
         log.exception("tables/change.parquet: change between visits failed; the table is written empty")
         change = typed([], CHANGE_DTYPES)
     return {"morphometry": morphometry, "change": change}
+
+
+def _grading_slices(scans: pd.DataFrame, discs: pd.DataFrame) -> list[float]:
+    """Per scan, the most source slices any of its graded disc volumes holds (1 for a
+    single-slice series, at most the IVV's 9); NaN where no disc was graded."""
+    if not len(discs) or "grading_slices" not in discs.columns:
+        return [np.nan] * len(scans)
+    most = pd.to_numeric(discs["grading_slices"], errors="coerce").groupby(discs["scan_id"]).max()
+    return [float(most[s]) if s in most.index and status == "ok" else np.nan
+            for s, status in zip(scans["scan_id"], scans["status"])]
 
 
 def _vertebra_stage(stages: list[str]) -> str | None:

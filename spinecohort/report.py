@@ -5,7 +5,10 @@ backend, QC thumbnails and hotspot examples read from disk and embedded the same
 no scripts and no external resources, so a reviewer can open it offline or attach it to a
 submission.
 
-Sections: cohort summary, failures, agreement (missing-model counts, forest plots of model vs
+First screen: what each model was trained on (synthetic or real, which data, held-out or
+cross-validated figures; :func:`spinecohort.shipped.training_records`) and the scans whose levels
+are flagged (``level_flags`` of ``scans.parquet``, with their QC pictures). Then: cohort summary,
+failures, agreement (missing-model counts, forest plots of model vs
 reader next to the reader-vs-reader reference, pooled tables with bootstrap and analytic
 intervals, per-level plot and tables, per-site tables, confusion matrices), grade distributions
 model vs readers (after SpineNet's comparison of grade distributions, Jamaludin et al. 2017,
@@ -64,7 +67,7 @@ ACQUISITION_COLUMNS = (
     ("n_slices", "slices"), ("rows", "rows"), ("cols", "columns"),
     ("pixel_spacing_mm", "pixel spacing (mm)"), ("slice_spacing_mm", "slice spacing (mm)"),
     ("fov", "field of view"), ("n_vertebrae", "vertebrae detected"),
-    ("n_discs", "discs graded"),
+    ("n_discs", "discs graded"), ("grading_slices", "slices per disc volume graded"),
 )
 
 
@@ -122,6 +125,60 @@ def _embed_file(path: str | Path) -> str | None:
     if mime is None or not p.is_file():
         return None
     return f"data:{mime};base64," + base64.b64encode(p.read_bytes()).decode("ascii")
+
+
+# --------------------------------------------------------------------------- first screen
+
+
+def _flag_list(value: Any) -> list[str]:
+    """``level_flags`` as a list: a list/array, or text separated by ``;``, ``,`` or ``|``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, str):
+        parts = value.replace("|", ";").replace(",", ";").split(";")
+    else:
+        try:
+            parts = [str(v) for v in value]
+        except TypeError:
+            parts = [str(value)]
+    return [p.strip() for p in parts if p and p.strip()]
+
+
+def flagged_level_scans(scans: pd.DataFrame | None, qc_images: Mapping[str, str | Path] | None = None,
+                        limit: int = 40) -> dict[str, Any]:
+    """Scans whose level labelling is flagged (``level_flags`` column, e.g. ``no_sacrum_in_view``,
+    ``counting_variant_suspected``, ``low_confidence``), each with its QC picture. Empty when the
+    column is absent or every entry is empty."""
+    if scans is None or "level_flags" not in scans.columns:
+        return {"rows": [], "total": 0}
+    rows = []
+    for _, r in scans.iterrows():
+        flags = _flag_list(r["level_flags"])
+        if not flags:
+            continue
+        scan_id = str(r.get("scan_id", ""))
+        path = (qc_images or {}).get(scan_id)
+        rows.append({"scan_id": scan_id, "flags": ", ".join(flags),
+                     "confidence": fmt(r.get("level_confidence"), 2) if "level_confidence" in scans.columns else "",
+                     "uri": _embed_file(path) if path is not None else None})
+    return {"rows": rows[:limit], "total": len(rows)}
+
+
+def _training_context(training: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    order = {"detect": 0, "detect-vfr": 0, "label": 1, "appearance": 1, "context": 2, "grade": 3, "grading": 3}
+    rows = sorted((dict(r) for r in training), key=lambda r: (order.get(r.get("stage", ""), 9), r["model"]))
+    return {"rows": rows,
+            "synthetic_graders": [r["model"] for r in rows if r.get("stage") == "grade" and r.get("kind") == "synthetic"]}
+
+
+def _label_columns(labels: pd.DataFrame | None, discs: pd.DataFrame | None,
+                   reading_schemes: Mapping[str, Any] | None) -> list[dict[str, str]]:
+    if labels is None:
+        return []
+    from .schemes import label_columns, parse_reading_schemes
+
+    return label_columns(labels.columns, None if discs is None else discs.columns,
+                         parse_reading_schemes(reading_schemes))
 
 
 def _task_order(names: Iterable[str]) -> list[str]:
@@ -279,15 +336,39 @@ def _value_cell(row: pd.Series | None, analytic: pd.Series | None = None) -> dic
     note = row.get("note")
     note = "" if note is None or (isinstance(note, float) and math.isnan(note)) else str(note)
     if not _finite(row["estimate"]):
-        return _cell("n/a", title=note, cls="na")
+        # undefined for these data: say so and why, in the cell, not only on hover
+        return _cell("undefined", sub=note.removeprefix("undefined: "), title=note, cls="na")
     sub = fmt_ci(row["ci_low"], row["ci_high"])
+    if not sub and row.get("ci_method") != "none":
+        sub = _ci_reason(note) or "no CI"
     sub2 = ""
     if analytic is not None and _finite(analytic["ci_low"]):
         label = "Fisher z" if analytic["ci_method"] == "fisher_z" else "FCE"
-        sub2 = f"{label} {fmt_ci(analytic['ci_low'], analytic['ci_high'])}"
+        sub2 = f"analytic, discs independent ({label}) {fmt_ci(analytic['ci_low'], analytic['ci_high'])}"
     cell = _cell(fmt(row["estimate"]), sub=sub, title=note)
     cell["sub2"] = sub2
     return cell
+
+
+def _ci_reason(note: Any) -> str:
+    """The part of a ``note`` that says why an interval is missing ('' if none does)."""
+    if not isinstance(note, str):
+        return ""
+    for part in note.split("; "):
+        if part.startswith("CI not computed") or part.startswith("no bootstrap") or "CI needs" in part:
+            return part
+    return ""
+
+
+def _ci_status(rows: pd.DataFrame) -> tuple[bool, str]:
+    """Whether any row has a bootstrap interval, and else the reason (from the notes)."""
+    if rows.empty:
+        return False, "no rows"
+    has = bool((rows["ci_low"].map(_finite) & rows["ci_high"].map(_finite)).any())
+    if has:
+        return True, ""
+    reasons = [r for r in (_ci_reason(n) for n in rows.get("note", pd.Series(dtype=object))) if r]
+    return False, (max(set(reasons), key=reasons.count) if reasons else "bootstrap intervals not computed")
 
 
 def _forest_plot(task: str, pooled: pd.DataFrame, comps: list[str], colours: dict[str, str]) -> str:
@@ -306,10 +387,14 @@ def _forest_plot(task: str, pooled: pd.DataFrame, comps: list[str], colours: dic
         rows = pooled[pooled["comparison"] == comp].set_index("metric")
         ys, xs, lo, hi = [], [], [], []
         for i, m in enumerate(metrics):
-            if m not in rows.index or not _finite(rows.loc[m, "estimate"]):
+            if m not in rows.index:
+                continue
+            y = i + (j - (n - 1) / 2) * (0.7 / max(n, 1))
+            if not _finite(rows.loc[m, "estimate"]):  # undefined for these data: say so, no point
+                ax.text(0.01, y, "undefined", fontsize=7.5, color=colours[comp], va="center", style="italic")
                 continue
             est = float(rows.loc[m, "estimate"])
-            ys.append(i + (j - (n - 1) / 2) * (0.7 / max(n, 1)))
+            ys.append(y)
             xs.append(est)
             lo.append(est - float(rows.loc[m, "ci_low"]) if _finite(rows.loc[m, "ci_low"]) else 0)
             hi.append(float(rows.loc[m, "ci_high"]) - est if _finite(rows.loc[m, "ci_high"]) else 0)
@@ -330,7 +415,10 @@ def _forest_plot(task: str, pooled: pd.DataFrame, comps: list[str], colours: dic
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     ax.set_title(task, loc="left", fontsize=10.5, fontweight="bold")
-    ax.set_xlabel("estimate, 95% subject-clustered bootstrap CI", fontsize=9)
+    has_ci, why = _ci_status(pooled[pooled["metric"].isin(metrics)])
+    # an axis only promises intervals it shows
+    ax.set_xlabel("estimate, 95% subject-clustered bootstrap CI" if has_ci else f"estimate only: {why}",
+                  fontsize=9, color="#1d2430" if has_ci else "#b4531a")
     ax.tick_params(labelsize=8.5)
     centre = (left / width + 1 - 0.15 / width) / 2  # under the axes, not the tick labels
     fig.legend(loc="lower center", bbox_to_anchor=(centre, 0.01),
@@ -380,6 +468,9 @@ def _per_level_plot(primary: pd.DataFrame, tasks: list[str], comps: list[str],
     handles, labels = axes.ravel()[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), frameon=False,
                bbox_to_anchor=(0.5, 0.0), fontsize=9)
+    has_ci, why = _ci_status(heads)
+    if not has_ci:
+        fig.suptitle(f"estimates only: {why}", fontsize=9, color="#b4531a", x=0.99, ha="right")
     return _png(fig)
 
 
@@ -584,8 +675,9 @@ def _agreement_context(agreement: pd.DataFrame, confusion: pd.DataFrame | None,
             r = idx.get((comp, "accuracy"))
             n_row.append(_cell(_count(r.n_discs) if r is not None else "",
                                sub=f"{_count(r.n_subjects)} subjects" if r is not None else ""))
+        has_ci, why = _ci_status(p[p["metric"].isin([m for m in metrics if m not in NOT_PLOTTED])])
         per_task.append({
-            "task": task, "rows": rows, "n_row": n_row,
+            "task": task, "rows": rows, "n_row": n_row, "ci_note": None if has_ci else why,
             "forest": _forest_plot(task, p, [c for c in comps if c in set(p["comparison"])],
                                    colours) if len(p) else None,
         })
@@ -596,6 +688,9 @@ def _agreement_context(agreement: pd.DataFrame, confusion: pd.DataFrame | None,
         note = r.note if isinstance(r.note, str) else ""
         undefined.append([r.comparison, r.task, r.level, r.site, r.metric, note])
     n_boot = provenance.get("agreement_n_bootstrap") if provenance else None
+    pooled_ci, pooled_why = _ci_status(pooled[~pooled["metric"].isin(NOT_PLOTTED)])
+    level_rows = primary[(primary["site"] == "all") & (primary["level"] != "all")]
+    level_ci, level_why = _ci_status(level_rows[~level_rows["metric"].isin(NOT_PLOTTED)])
     seeds = sorted(set(int(s) for s in primary["seed"].dropna())) if "seed" in primary else []
     return {
         "comparisons": [{"name": c, "colour": colours[c],
@@ -611,7 +706,31 @@ def _agreement_context(agreement: pd.DataFrame, confusion: pd.DataFrame | None,
         "n_undefined": len(undefined),
         "n_bootstrap": n_boot,
         "seed": ", ".join(map(str, seeds)),
+        "ci_note": None if pooled_ci else pooled_why,
+        "per_level_ci_note": None if level_ci else level_why,
     }
+
+
+# --------------------------------------------------------------------------- hotspots
+
+
+def _hotspot_groups(paths: Sequence[str | Path] | None, limit: int) -> list[dict[str, Any]]:
+    """Hotspot montages grouped by task, from names ``<scan_id>_<level>_<Task>.png`` (older
+    ``<scan_id>_<level>.png`` montages were Pfirrmann's)."""
+    groups: dict[str, list[dict[str, str]]] = {}
+    for path in list(paths or []):
+        stem = Path(path).stem
+        parts = stem.rsplit("_", 2)
+        if len(parts) == 3 and parts[2] in TASK_BY_NAME:
+            task, name = parts[2], f"{parts[0]} {parts[1]}"
+        else:
+            task, name = "Pfirrmann", stem.replace("_", " ")
+        items = groups.setdefault(task, [])
+        if len(items) < limit:
+            uri = _embed_file(path)
+            if uri is not None:
+                items.append({"name": name, "uri": uri})
+    return [{"task": t, "items": groups[t]} for t in _task_order(groups) if groups[t]]
 
 
 # --------------------------------------------------------------------------- provenance
@@ -658,6 +777,8 @@ def render_report(
     morphometry: Mapping[str, Any] | None = None,
     title: str = "spinecohort validation report",
     max_thumbnails: int = 60,
+    training: Sequence[Mapping[str, Any]] | None = None,
+    reading_schemes: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the self-contained validation report to ``out_html`` (atomically) and return it.
 
@@ -667,6 +788,9 @@ def render_report(
     ``warnings``: counted input warnings (:func:`input_warnings`), listed in their own section.
     ``morphometry``: the morphometry/change sections' context
     (:func:`spinecohort.report_morphometry.morphometry_context`); None omits them.
+    ``training``: what each model was trained on (:func:`spinecohort.shipped.training_records`);
+    ``None`` derives it from the ``models`` provenance. ``reading_schemes``: the config's, to
+    list how each labels column was read (``None``: the shipped defaults).
     """
     notes = [str(n) for n in (notes or [])]
     qc = []
@@ -677,11 +801,16 @@ def render_report(
             notes.append(f"QC image for {scan_id} not found or not an image: {path}")
         else:
             qc.append({"scan_id": str(scan_id), "uri": uri})
-    hotspots = []
-    for path in list(hotspot_images or [])[:max_thumbnails]:
-        uri = _embed_file(path)
-        if uri is not None:
-            hotspots.append({"name": Path(path).stem, "uri": uri})
+    hotspots = _hotspot_groups(hotspot_images, max_thumbnails)
+    if training is None:
+        raw = (provenance or {}).get("models")
+        try:
+            models = json.loads(raw) if isinstance(raw, str) else dict(raw or {})
+        except ValueError:
+            models = {}
+        from .shipped import training_records
+
+        training = training_records(models)
 
     agreement_ctx = None
     if agreement is not None and len(agreement):
@@ -702,6 +831,10 @@ def render_report(
         "qc_total": len(qc_items),
         "hotspots": hotspots,
         "morphometry": morphometry,
+        "hotspot_tasks": [g["task"] for g in hotspots],
+        "training": _training_context(training),
+        "flagged": flagged_level_scans(scans, qc_images),
+        "label_columns": _label_columns(labels, discs, reading_schemes),
         "provenance": prov_rows,
         "models": models,
         "environment": env,

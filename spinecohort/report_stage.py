@@ -1,6 +1,7 @@
 """The ``report`` rule: read the cohort tables and render ``report/validation.html``."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,6 +30,13 @@ def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | P
         pd.read_parquet(change) if change and Path(change).exists() else None,
         pd.read_parquet(vertebrae) if vertebrae and Path(vertebrae).exists() else None,
         outdir / "work" / "series")
+    provenance = read_provenance(discs)
+    from .shipped import training_records
+
+    raw_models = provenance.get("models")
+    models = json.loads(raw_models) if isinstance(raw_models, str) and raw_models.strip().startswith("{") else {}
+    # a team's own grader (models.grader) has its record (grader.json) beside it
+    training = training_records(models, (config.get("models") or {}).get("grader"))
     notes = []
     if agreement is None:
         notes.append("No radiologist labels were configured (config key `labels`), so the agreement stage was skipped.")
@@ -41,10 +49,12 @@ def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | P
         agreement=agreement_table,
         confusion=confusion,
         labels=labels_table,
-        provenance=read_provenance(discs),
+        provenance=provenance,
         qc_images=qc_images,
         hotspot_images=hotspots,
         notes=notes,
         warnings=input_warnings(scans_table, labels_table),
         morphometry=morphometry_ctx,
+        training=training,
+        reading_schemes=config.get("reading_schemes"),
     )

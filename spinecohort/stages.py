@@ -38,7 +38,9 @@ def canonical_flips(series: Series) -> tuple[bool, bool, bool]:
 def canonical_volume(series: Series) -> np.ndarray:
     flips = canonical_flips(series)
     axes = tuple(axis for axis, flip in enumerate(flips) if flip)
-    return np.ascontiguousarray(np.flip(series.volume, axis=axes) if axes else series.volume)
+    # a copy, not np.ascontiguousarray: numpy calls a flip of a length-1 axis (a one-slice
+    # series) contiguous and keeps its negative stride, which torch rejects
+    return np.flip(series.volume, axis=axes).copy() if axes else np.ascontiguousarray(series.volume)
 
 
 def flip_points(series: Series, points: np.ndarray) -> np.ndarray:
@@ -213,6 +215,8 @@ class ExtractDiscsStage(Stage):
                 "angle_deg": float(np.degrees(ivv.angle_rad)),
                 "width_mm": float(ivv.width_px * col_mm), "height_mm": float(ivv.height_px * row_mm),
                 "box_corners": [float(v) for v in next(iter(box.values())).reshape(-1)],
+                # source slices the IVV holds (the rest is zero padding): what grading sees
+                "grading_slices": int(sum(s >= 0 for s in ivv.slices)),
             })
         return pd.DataFrame(records)
 
@@ -221,11 +225,14 @@ class ExtractDiscsStage(Stage):
 @register_stage
 class GradeStage(Stage):
     name = "grade"
-    config_keys = ("models.family", "models.dir", "models.precision", "models.grader", "tta", "hotspots")
+    config_keys = ("models.family", "models.dir", "models.precision", "models.grader", "tta", "hotspots",
+                   "hotspot_tasks")
     after = "extract_discs"
     needs_rows_of = ("extract_discs",)
-    # Hotspot montages per shard when config hotspots = report: examples, not every disc.
-    REPORT_EXAMPLES_PER_SHARD = 2
+    # Discs per shard with hotspot montages when config hotspots = report: examples, not every
+    # disc. Each gets one montage per task of config hotspot_tasks (one backward pass each), so a
+    # reviewer of any task has examples at the cost of a few more graded discs.
+    REPORT_EXAMPLES_PER_SHARD = 1
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
@@ -258,7 +265,7 @@ class GradeStage(Stage):
     def run_scan(self, scan: ScanContext) -> pd.DataFrame:
         from .discs import load_ivvs
         from .grade import hotspot_montage
-        from .tasks import TASKS
+        from .tasks import TASK_NAMES, TASKS
 
         rows = scan.previous["extract_discs"].reset_index(drop=True)
         if not len(rows):
@@ -273,10 +280,16 @@ class GradeStage(Stage):
             rows[f"{task.name}_probs"] = [[float(v) for v in p] for p in probabilities]
         rows["model_id"] = self.model_id
         mode = self.config.get("hotspots", "report")
+        hotspot_tasks = set(self.config.get("hotspot_tasks") or TASK_NAMES)
         for index, level in enumerate(rows["level"]):
             if mode == "all" or (mode == "report" and self._examples_left > 0):
                 self._examples_left -= 1
-                heat = self.grader.hotspots(ivvs[index], "Pfirrmann")
-                target = Path(self.config["outdir"]) / "report" / "hotspots" / f"{scan.scan_id}_{level}.png"
-                hotspot_montage(ivvs[index], heat, target)
+                # the tasks under review (default all): a single gradient pass each, the
+                # augmented average would multiply the cost by the tasks' number again
+                for task in [t for t in TASKS if t.name in hotspot_tasks]:
+                    heat = self.grader.hotspots(ivvs[index], task.name, n_aug=1)
+                    grade = rows.at[index, task.name]
+                    target = (Path(self.config["outdir"]) / "report" / "hotspots"
+                              / f"{scan.scan_id}_{level}_{task.name}.png")
+                    hotspot_montage(ivvs[index], heat, target, title=f"{scan.scan_id} {level}: {task.name} {grade}")
         return rows

@@ -35,7 +35,9 @@ of one stratum, so a bootstrap resample only needs a re-weighted C.
 
 * ``accuracy``: trace(C) / n.
 * ``balanced_accuracy``: mean over the reference's observed classes of per-class recall
-  (Brodersen et al. 2010, ICPR; the scikit-learn definition).
+  (Brodersen et al. 2010, ICPR; the scikit-learn definition). For binary tasks it is undefined
+  (NaN) unless the reference has both a positive and a negative disc: with one class it would
+  only repeat specificity or sensitivity under a name that promises both.
 * ``cohen_kappa``: (p_o - p_e) / (1 - p_e) (Cohen 1960, Educ Psychol Meas 20:37-46).
 * ``kappa_linear``/``kappa_quadratic``: weighted kappa (Cohen 1968, Psychol Bull 70:213-220) with
   agreement weights 1 - |i-j|/(K-1) and 1 - (i-j)^2/(K-1)^2 on the full grade scale of the task
@@ -60,6 +62,13 @@ of one stratum, so a bootstrap resample only needs a re-weighted C.
 ``CentralCanalStenosisBinary`` is derived from the 4-class grade (grade > 1) on both sides
 (or read from a ``CentralCanalStenosisBinary`` column when the 4-class column is absent) and
 gets the binary metrics.
+
+Reading schemes (:mod:`spinecohort.schemes`, config ``reading_schemes``) compare a labels column
+on another scale with a binary view of model tasks, as a binary task named by the scheme: by
+default ``Narrowing>1`` (``SPIDER_Narrowing`` 0/1 vs model Narrowing > 1) and ``Marrow(any)``
+(``SPIDER_Modic`` > 0 vs model UpperMarrow or LowerMarrow). Between two readers both sides use
+the column's binary view. Label columns matching no task or scheme are logged, not dropped
+silently.
 
 Intervals (``ci_method`` column)
 --------------------------------
@@ -103,11 +112,12 @@ import zlib
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from .schemes import ReadingScheme, label_columns, parse_reading_schemes
 from .tasks import CCS_BINARY, TASKS, disc_levels
 
 log = logging.getLogger(__name__)
@@ -151,6 +161,7 @@ class _Spec:
     ordinal: bool
     source: str  # column read from the input tables
     derive_binary: bool = False  # grade > 1 of ``source``
+    scheme: ReadingScheme | None = None  # reader's ``source`` vs a binary view of model tasks
 
     @property
     def k(self) -> int:
@@ -171,9 +182,10 @@ class _Spec:
 
 
 def _task_specs(pred_cols: Iterable[str], label_cols: Iterable[str],
-                tasks: Sequence[str] | None) -> list[_Spec]:
-    both = set(pred_cols) & set(label_cols)
-    known = [t.name for t in TASKS] + [CCS_BINARY]
+                tasks: Sequence[str] | None, schemes: Sequence[ReadingScheme] = ()) -> list[_Spec]:
+    pred_cols, label_cols = set(pred_cols), set(label_cols)
+    both = pred_cols & label_cols
+    known = [t.name for t in TASKS] + [CCS_BINARY] + [s.task for s in schemes]
     if tasks is not None:
         unknown = [t for t in tasks if t not in known]
         if unknown:
@@ -188,11 +200,35 @@ def _task_specs(pred_cols: Iterable[str], label_cols: Iterable[str],
             specs.append(_Spec(CCS_BINARY, (0, 1), False, "CentralCanalStenosis", True))
         elif CCS_BINARY in both:
             specs.append(_Spec(CCS_BINARY, (0, 1), False, CCS_BINARY))
+    for scheme in schemes:
+        if (scheme.task in wanted and scheme.column in label_cols
+                and all(t in pred_cols for t in scheme.model_tasks)):
+            specs.append(_Spec(scheme.task, (0, 1), False, scheme.column, scheme=scheme))
     if tasks is not None:
         missing = [t for t in wanted if t not in {s.name for s in specs}]
         if missing:
             log.warning("task(s) %s not in both predictions and labels; skipped", missing)
     return specs
+
+
+def _scheme_codes(df: pd.DataFrame, scheme: ReadingScheme, model: bool) -> np.ndarray:
+    """The binary view (1 = finding, 0 = none, -1 = not graded) of a reading scheme: the
+    reader's column, or (``model``) any of the model tasks above the threshold."""
+    if model:
+        graded = np.ones(len(df), bool)
+        positive = np.zeros(len(df), bool)
+        for name in scheme.model_tasks:
+            x = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+            graded &= np.isfinite(x)
+            positive |= np.isfinite(x) & (x > scheme.model_above)
+        return np.where(graded, positive.astype(np.int64), -1)
+    x = pd.to_numeric(df[scheme.column], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    ok = np.isin(x, scheme.values)
+    n_bad = int((np.isfinite(x) & ~ok).sum())
+    if n_bad:
+        log.warning("%s: %d value(s) outside the reading scheme's scale %s treated as not graded",
+                    scheme.column, n_bad, [f"{v:g}" for v in scheme.values])
+    return np.where(ok, np.isin(x, scheme.positive).astype(np.int64), -1)
 
 
 def _grade_codes(values: pd.Series, spec: _Spec) -> np.ndarray:
@@ -289,6 +325,10 @@ def confusion_metrics(conf: np.ndarray, grades: Sequence[float], *, binary: bool
     with np.errstate(divide="ignore", invalid="ignore"):
         recall = np.where(present, diag / np.where(present, row, 1.0), 0.0)
     out["balanced_accuracy"] = _safe_div(recall.sum(axis=-1), present.sum(axis=-1))
+    if binary:
+        # with one reference class the mean recall is just specificity (or sensitivity)
+        # passed off as a balanced figure: undefined instead
+        out["balanced_accuracy"] = np.where(present.all(axis=-1), out["balanced_accuracy"], np.nan)
     eye = _weights(k, "identity")
     out["cohen_kappa"] = _kappa(p, pr, pc, eye)
     out["gwet_ac1"] = _gwet(p, pr, pc, eye) if k > 1 else np.full(n.shape, np.nan)
@@ -391,8 +431,10 @@ def _nan_reason(metric: str, conf: np.ndarray) -> str:
     used_mod = int((c.sum(0) > 0).sum())
     if metric in ("cohen_kappa", "kappa_linear", "kappa_quadratic"):
         return "undefined: chance agreement p_e = 1 (both raters used one and the same grade)"
-    if metric == "sensitivity":
+    if metric == "sensitivity" or (metric == "balanced_accuracy" and c.shape[0] == 2 and c[1].sum() == 0):
         return "undefined: no positive disc in the reference"
+    if metric == "balanced_accuracy" and c.shape[0] == 2 and c[0].sum() == 0:
+        return "undefined: no negative disc in the reference"
     if metric == "specificity":
         return "undefined: no negative disc in the reference"
     if metric == "mcc":
@@ -458,8 +500,11 @@ class _Pairs:
     oth: dict[str, np.ndarray]
 
 
-def _codes_frame(df: pd.DataFrame, specs: list[_Spec]) -> dict[str, np.ndarray]:
-    return {s.name: _grade_codes(df[s.source], s) for s in specs}
+def _codes_frame(df: pd.DataFrame, specs: list[_Spec], model: bool = False) -> dict[str, np.ndarray]:
+    """Grade codes per task; ``model``: ``df`` holds predictions (reading schemes take the
+    model's view, other tasks read the same column on both sides)."""
+    return {s.name: _scheme_codes(df, s.scheme, model) if s.scheme is not None
+            else _grade_codes(df[s.source], s) for s in specs}
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -518,6 +563,7 @@ def compute_agreement(
     by_site: bool = True,
     min_subjects_ci: int = MIN_SUBJECTS_CI,
     ci_level: float = CI_LEVEL,
+    reading_schemes: Mapping[str, Mapping] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Agreement and confusion tables (contract: ``tables/agreement.parquet``, ``confusion``).
 
@@ -531,6 +577,11 @@ def compute_agreement(
     names raise ``ValueError``, tasks missing from a table are skipped with a warning).
     ``by_level``/``by_site`` switch the per-level/per-site strata off. Raises only when
     ``scan_id``/``level`` columns are missing; data problems give NaN with a ``note``.
+
+    ``reading_schemes``: the config's mapping (:mod:`spinecohort.schemes`; ``None`` = the
+    shipped defaults): a labels column on another scale is compared, as a binary task named by
+    its scheme, with the model's view. Label columns that match no task or scheme, or whose
+    model tasks the predictions lack, are logged as warnings (not silently dropped).
     """
     n_bootstrap = int(max(0, n_bootstrap))
     preds = _clean_keys(predictions, "predictions")
@@ -541,7 +592,11 @@ def compute_agreement(
     labs.loc[labs["reader"].isna() | (labs["reader"] == ""), "reader"] = DEFAULT_READER
     labs["reader"] = labs["reader"].astype(str)
 
-    specs = _task_specs(preds.columns, labs.columns, tasks)
+    schemes = parse_reading_schemes(reading_schemes)
+    for entry in label_columns(labs.columns, preds.columns, schemes):
+        if entry["status"] in ("unknown", "unmappable"):
+            log.warning("labels column %s: %s", entry["column"], entry["detail"])
+    specs = _task_specs(preds.columns, labs.columns, tasks, schemes)
     empty = (pd.DataFrame({c: [] for c in AGREEMENT_COLUMNS}),
              pd.DataFrame({c: [] for c in CONFUSION_COLUMNS}))
     if not specs or labs.empty:
@@ -581,7 +636,7 @@ def compute_agreement(
         oth = pred_keyed.reindex(keys).reset_index()
         comps.append(_Pairs(
             f"model_vs_{r}", True, subjects_of(ref["scan_id"]), ref["level"].to_numpy(object),
-            sites_of(ref["scan_id"]), _codes_frame(ref, specs), _codes_frame(oth, specs)))
+            sites_of(ref["scan_id"]), _codes_frame(ref, specs), _codes_frame(oth, specs, model=True)))
     for a, b in combinations(readers, 2):
         ref = by_reader[b].merge(by_reader[a], on=["scan_id", "level"], suffixes=("", "__oth"))
         if ref.empty:
@@ -851,6 +906,7 @@ def run_agreement(
     provenance: dict[str, str] | None = None,
     tasks: Sequence[str] | None = None,
     created_by: str | None = None,
+    reading_schemes: Mapping[str, Mapping] | None = None,
 ) -> tuple[Path, Path]:
     """Read predictions + labels, write agreement and confusion Parquet; returns both paths.
 
@@ -865,7 +921,7 @@ def run_agreement(
     for warning in label_warnings(labels):  # the report adds scan_ids missing from the manifest
         log.warning("%s", warning)
     agreement, confusion = compute_agreement(discs, labels, n_bootstrap=n_bootstrap, seed=seed,
-                                             tasks=tasks)
+                                             tasks=tasks, reading_schemes=reading_schemes)
     if provenance is None:
         prov = make_provenance(created_by=created_by)
         if str(discs_path).lower().endswith((".parquet", ".pq")):

@@ -205,6 +205,34 @@ def test_zip_input(tmp_path):
     assert not (tmp_path.parent / "escape.txt").exists()
 
 
+def test_single_slice_series_is_a_one_slice_volume(tmp_path):
+    """A 2-D export (one sagittal slice) is ingested as what it is: one slice, no padding."""
+    rng = np.random.default_rng(16)
+    image = _volume(rng, (1, 40, 32))
+    _write(tmp_path / "scan", image, rng, slice_spacing=5.0, slice_thickness_mm=4.0)
+    series = ingest(tmp_path / "scan", "s")
+    assert series.volume.shape == (1, 40, 32) and series.meta["n_slices"] == 1
+    np.testing.assert_array_equal(series.volume, image)
+    # no neighbour to measure the step from: SpacingBetweenSlices (else SliceThickness) scales the slice axis
+    assert series.meta["slice_spacing_mm"] == pytest.approx(5.0)
+    np.testing.assert_allclose(series.to_patient([0, 2, 3])[0], [12.0, -90.0 + 3 * 0.7, 150.0 - 2 * 0.8])
+    assert not any("missing" in w for w in series.meta["warnings"])
+
+
+def test_two_dimensional_nifti_is_one_slice(tmp_path):
+    rng = np.random.default_rng(17)
+    data = rng.uniform(0, 1000, size=(30, 40)).astype(np.float32)  # (A-P, S-I) of one sagittal plane
+    affine = np.array([[0, 0, 4.0, -12], [0.8, 0, 0, -20], [0, 0.7, 0, -30], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "slice.nii.gz")
+    series = ingest(tmp_path / "slice.nii.gz", "s")
+    assert series.volume.shape == (1, 40, 30) and series.meta["n_slices"] == 1
+    assert series.meta["pixel_spacing_mm"] == pytest.approx([0.7, 0.8])
+    ras_index = np.array([12, 25, 0])
+    lps = np.diag([-1, -1, 1]) @ (affine[:3, :3] @ ras_index + affine[:3, 3])
+    sagittal_index = np.rint(series.to_index(lps)[0]).astype(int)
+    assert series.volume[tuple(sagittal_index)] == pytest.approx(data[12, 25])
+
+
 def test_nifti_input_reoriented_to_sagittal_layout(tmp_path):
     rng = np.random.default_rng(15)
     # RAS array: axis 0 = x (left-right, 4 mm), axis 1 = y (posterior->anterior), axis 2 = z (inferior->superior)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 import shutil
 import subprocess
 
@@ -173,3 +174,81 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     ink = (img[..., :3] < 0.9).any(axis=2)
     assert ink.mean() > 0.02  # text and figures were drawn, not a blank page
     assert ink[3000:].any()  # content reaches far down the page
+
+
+# --------------------------------------------------------------------------- the first screen tells the truth
+
+
+def _shipped_models():
+    import json
+
+    from spinecohort.shipped import DEFAULT_MODELS, MODELS_DIR
+
+    return {Path(f).stem: json.loads((MODELS_DIR / f"{Path(f).stem}.json").read_text())["sha256"]
+            for f in DEFAULT_MODELS.values()}
+
+
+def _first_screen(html):
+    return html[:html.index('id="summary"')]
+
+
+def test_first_screen_names_each_models_training_data(tmp_path, png):
+    from spinecohort.provenance import sha256_file
+    from spinecohort.shipped import default_model
+
+    models = _shipped_models()
+    assert models["grader-cpu-v3"] == sha256_file(default_model("grader"))  # the record is these weights'
+    scans, discs, _ = _tables(n_subjects=4)
+    scans["level_flags"] = [["no_sacrum_in_view", "low_confidence"], [], None, "", ""]
+    out = render_report(tmp_path / "v.html", scans=scans, discs=discs, provenance={"models": models},
+                        qc_images={"scan000": png})
+    first = _first_screen(out.read_text())
+    assert "What the models were trained on" in first
+    for model in models:
+        assert model in first
+    # synthetic vs real, which data, which figures
+    assert "synthetic only" in first and "synthetic + real" in first
+    assert "1600 synthetic phantoms" in first and "public-lumbar training split" in first
+    assert "held-out synthetic" in first and "public-lumbar validation" in first
+    assert "trained on synthetic phantoms only" in first and "never seen a real disc" in first
+    # the scans whose levels are flagged, with their QC picture
+    assert "Scans whose levels are flagged" in first
+    assert "scan000</b>: no_sacrum_in_view, low_confidence" in first and 'alt="QC scan000"' in first
+    assert "scan001</b>" not in first
+
+
+def test_unmatched_or_unknown_weights_are_not_given_a_record(tmp_path):
+    scans, discs, _ = _tables(n_subjects=4)
+    models = {**_shipped_models(), "grader-cpu-v3": "0" * 64, "someone-elses-model": "1" * 64}
+    html = render_report(tmp_path / "v.html", scans=scans, discs=discs,
+                         provenance={"models": models}).read_text()
+    first = _first_screen(html)
+    assert "sha256 mismatch" in first and "describes other weights" in first
+    assert "someone-elses-model" in first and "no record" in first
+    assert "Scans whose levels are flagged" not in html  # no level_flags column: no list
+
+
+def test_intervals_not_computed_say_why_and_undefined_metrics_say_undefined(tmp_path):
+    scans, discs, labels = _tables(n_subjects=4)  # fewer subjects than a bootstrap CI needs
+    labels = labels[labels["reader"] == "R1"].assign(Herniation=0, SPIDER_Bulging=1)
+    agreement, confusion = compute_agreement(discs, labels, n_bootstrap=50, tasks=["Pfirrmann", "Herniation"])
+    html = render_report(tmp_path / "v.html", scans=scans, discs=discs, agreement=agreement,
+                         confusion=confusion, labels=labels, provenance={}).read_text()
+    assert "No bootstrap confidence intervals in the pooled tables and plots below: CI not computed: 4 subject(s) &lt; 10" in html
+    assert "estimates only, no interval (CI not computed: 4 subject(s) &lt; 10)" in html
+    assert "with 95% subject-clustered bootstrap intervals" not in html
+    # analytic disc-level intervals are labelled as such
+    assert "analytic, discs independent (FCE)" in html
+    # balanced accuracy with no positive reference disc: undefined, with the reason in view
+    assert '>undefined<span class="sub">no positive disc in the reference</span>' in html
+    # a labels column that nothing reads is listed, not dropped
+    assert "SPIDER_Bulging" in html and "matches no model task and no reading scheme (config reading_schemes); not compared" in html
+
+
+def test_hotspots_are_grouped_by_task(tmp_path, png):
+    shutil.copy(png, tmp_path / "scan001_L4-L5_Herniation.png")
+    shutil.copy(png, tmp_path / "scan_7_L5-S1.png")  # an older montage: Pfirrmann's
+    html = render_report(tmp_path / "v.html", scans=None, hotspot_images=sorted(tmp_path.glob("*.png")),
+                         provenance={}).read_text()
+    assert 'id="hotspots-Herniation"' in html and 'id="hotspots-Pfirrmann"' in html
+    assert "scan001 L4-L5 &middot; Herniation" in html

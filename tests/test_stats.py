@@ -171,8 +171,11 @@ def test_estimates_match_sklearn_and_statsmodels(cohort):
 
                 assert prim[(comparison, name, level, site, "accuracy")].n_discs == len(y_true)
                 assert got("accuracy") == pytest.approx(accuracy_score(y_true, y_pred), abs=TOL)
-                assert got("balanced_accuracy") == pytest.approx(
-                    balanced_accuracy_score(y_true, y_pred), abs=TOL)
+                if binary and len(set(y_true)) < 2:  # one reference class: undefined, not sklearn's figure
+                    assert np.isnan(got("balanced_accuracy"))
+                else:
+                    assert got("balanced_accuracy") == pytest.approx(
+                        balanced_accuracy_score(y_true, y_pred), abs=TOL)
                 assert got("cohen_kappa") == pytest.approx(
                     cohen_kappa_score(y_true, y_pred, labels=grades), abs=TOL)
                 table = np.zeros((len(grades), len(grades)))
@@ -424,6 +427,15 @@ def test_constant_ratings_kappa_nan_with_reason():
     assert _get(a, "gwet_ac1").estimate == 1.0
     assert np.isnan(_get(a, "lins_ccc").estimate) and _get(a, "lins_ccc").note
     assert np.isnan(_get(a, "cohen_kappa", method="analytic_kappa_se").estimate)
+
+
+def test_binary_balanced_accuracy_without_a_positive_reference_disc_is_undefined():
+    a, _ = _one_task([0] * 30, [0] * 27 + [1] * 3, task="Herniation", n_bootstrap=50)
+    row = _get(a, "balanced_accuracy")
+    assert np.isnan(row.estimate) and row.note == "undefined: no positive disc in the reference"
+    assert _get(a, "specificity").estimate == pytest.approx(0.9)  # what 0.9 'balanced' would have hidden
+    a, _ = _one_task([1] * 30, [1] * 30, task="Herniation", n_bootstrap=0)
+    assert "no negative disc" in _get(a, "balanced_accuracy").note
 
 
 def test_class_absent_in_one_rater():

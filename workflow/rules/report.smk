@@ -10,6 +10,7 @@ if LABELS is not None:
         params:
             bootstrap=CFG["agreement"]["bootstrap"],
             seed=CFG["agreement"]["seed"],
+            reading_schemes=CFG["reading_schemes"],
         log:
             f"{OUT}/logs/agreement.log",
         conda:
