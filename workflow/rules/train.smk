@@ -84,6 +84,7 @@ rule grader_cv_agreement:
     params:
         bootstrap=CFG["agreement"]["bootstrap"],
         seed=CFG["agreement"]["seed"],
+        reading_schemes=CFG["reading_schemes"],
     log:
         f"{OUT}/logs/grader_cv_agreement.log",
     conda:
