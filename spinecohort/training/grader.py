@@ -396,7 +396,7 @@ def _to_float(xb: np.ndarray) -> "torch.Tensor":
 
 
 def predict_probs(net, X: np.ndarray, tta: int = 4, batch_size: int = 32, device: str = "cpu") -> list[np.ndarray]:
-    """Per task (N, k) TTA-averaged probabilities of a :class:`GraderCPU` on uint8 or float IVVs
+    """Per task (N, k) TTA-averaged probabilities of a grading network (3-D or slice-pooled) on uint8 or float IVVs
     (the network is moved to ``device``)."""
     import torch
 
