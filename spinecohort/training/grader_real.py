@@ -399,6 +399,33 @@ def stage_predict(run: _Run, weights: str | Path, name: str, tta: int = 4) -> No
     run.log(f"predicted {weights} -> {run.work}/spider_{name}.parquet, phantom_{name}.parquet")
 
 
+def stage_inner(run: _Run, outer_fold: int = 0, tta: int = 4) -> Path:
+    """Hyper-parameter check without the held-out patients: the training patients of outer fold
+    ``outer_fold`` split again by patient (5 inner folds, seed + 1); train with ``run.steps`` on
+    four inner folds, score the fifth -> ``work/inner_f<outer>_steps<steps>.json`` (balanced
+    accuracy and kappa per SPIDER task, no bootstrap). Only such inner figures choose settings."""
+    from .grader import patient_folds, predict_probs
+
+    X, keys, *_ = run.spider
+    outer = run.folds()
+    pool = np.flatnonzero(outer != outer_fold)
+    inner = patient_folds(keys.iloc[pool]["subject_id"], run.k, run.seed + 1)
+    tr, va = pool[inner != 0], pool[inner == 0]
+    net, cfg, seconds = run.fit(tr, f"inner (outer fold {outer_fold}), {run.steps} steps")
+    preds = predictions_frame(keys.iloc[va].reset_index(drop=True), predict_probs(net, X[va], tta=tta))
+    labels = run.spider[4]
+    summary = agreement_summary(preds, labels[labels["subject_id"].isin(set(keys.iloc[va]["subject_id"]))], 0, run.seed)
+    res = {"steps": run.steps, "outer_fold": outer_fold, "n_train": int(len(tr)), "n_val": int(len(va)),
+           "train_seconds": round(seconds, 1),
+           "tasks": {t: {"balanced_accuracy": r["balanced_accuracy"]["estimate"], "kappa": r["kappa"]["estimate"]}
+                     for t, r in summary.items()}}
+    res["mean_balanced_accuracy"] = float(np.mean([v["balanced_accuracy"] for v in res["tasks"].values()]))
+    out = run.work / f"inner_f{outer_fold}_steps{run.steps}.json"
+    out.write_text(json.dumps(res, indent=1))
+    run.log(f"inner: {json.dumps(res)}")
+    return out
+
+
 # ----------------------------------------------------------------------------- figures
 #: the tasks SPIDER grades and the kappa reported for each (linear for the ordinal Pfirrmann)
 REPORT_TASKS = {"Pfirrmann": "kappa_linear", "Herniation": "cohen_kappa", "Spondylolisthesis": "cohen_kappa",
@@ -532,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m spinecohort.training.grader_real", description=__doc__.split("\n\n")[0])
     p.add_argument("--spider", required=True, help="SPIDER mid-sagittal folder (series.csv, grades.csv, images/)")
     p.add_argument("--work", default="/tmp/i14b", help="cache and outputs outside the repository")
-    p.add_argument("--stage", choices=["cv", "final", "predict", "report", "all"], default="all")
+    p.add_argument("--stage", choices=["cv", "final", "predict", "report", "card", "inner", "all"], default="all",
+                   help="inner: settings check on an inner patient split of outer fold 0's training patients")
     p.add_argument("--folds", type=int, nargs="*", default=None, help="with --stage cv: which folds (default all)")
     p.add_argument("--out", default=None, help="final model path (default models/grader-cpu-v4.pt)")
     p.add_argument("--k", type=int, default=DEFAULT_K)
@@ -558,6 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = ProgressLog(args.log)
     run = _Run(args.spider, args.work, args.k, args.seed, args.steps, args.init_3d, log)
     out = Path(args.out) if args.out else MODELS_DIR / "grader-cpu-v4.pt"
+    if args.stage == "inner":
+        stage_inner(run, 0, args.tta)
+        return 0
     if args.stage in ("cv", "all"):
         for f in (args.folds if args.folds else range(run.k)):
             stage_cv_fold(run, f, args.tta)
@@ -569,11 +600,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             stage_predict(run, out, "v4", args.tta)
     if args.stage in ("report", "all"):
         stage_report(run, args.bootstrap)
+    if args.stage in ("card", "all"):
+        rep = json.loads((run.work / "report.json").read_text())
+        command = ("PYTHONPATH=. python -m spinecohort.training.grader_real --spider ../shared/data/spider-midsagittal"
+                   f" --work {args.work} --steps {args.steps} --seed {args.seed} --stage all")
+        write_model_card(rep, out, out.with_suffix(".md"), command)
+        log(f"wrote {out.with_suffix('.md')}; default rule: {json.dumps(default_decision(rep))}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # ----------------------------------------------------------------------------- model card
@@ -767,3 +801,7 @@ def write_model_card(rep: dict, weights: str | Path, md_path: str | Path, comman
     ]
     Path(md_path).write_text("\n".join(lines))
     return Path(md_path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
