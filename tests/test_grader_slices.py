@@ -145,3 +145,28 @@ def test_fit_with_task_mask_and_aux_is_deterministic():
     p2 = predict_probs(fit(X, targets, cfg, aux=aux, log=lambda m: None), X[:2], tta=1)
     for a, b in zip(p1, p2):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_team_cv_fine_tunes_a_slice_pooled_checkpoint(net, tmp_path):
+    """`snakemake train_grader` with init_weights = a slice-pooled checkpoint (e.g. the shipped one):
+    cross_validate takes the architecture from the checkpoint, and the fold models keep it."""
+    from spinecohort.training.grader import TrainConfig, cross_validate
+
+    init = save_grader(tmp_path / "init.pt", net)
+    rng = np.random.default_rng(0)
+    rows, labels = [], []
+    for i in range(4):
+        vols = (rng.random((2, *IVV_SHAPE)) * 0.8).astype(np.float32)
+        vols[1, [0, 1, 2, 3, 5, 6, 7, 8]] = 0  # a single-slice disc beside a 9-slice one
+        path = tmp_path / f"s{i}.npz"
+        np.savez(path, volumes=vols, levels=np.array(["L4-L5", "L5-S1"]))
+        for lvl in ("L4-L5", "L5-S1"):
+            rows.append({"scan_id": f"s{i}", "subject_id": f"p{i}", "level": lvl, "path": str(path)})
+            labels.append({"scan_id": f"s{i}", "level": lvl, "Pfirrmann": int(rng.integers(1, 6)),
+                           "Herniation": int(rng.integers(0, 2))})
+    cfg = TrainConfig(steps=1, batch_size=4, head_epochs=1, head_views=1, head_batch=4)
+    torch.set_num_threads(1)
+    oof, models = cross_validate(pd.DataFrame(rows), pd.DataFrame(labels), k=2, init_weights=init, config=cfg,
+                                 tta=1, log=lambda m: None)
+    assert len(oof) == 8 and set(oof["fold"]) == {0, 1}
+    assert all(isinstance(g.net, GraderSlices) for g in models)
