@@ -26,6 +26,15 @@ B. **heads**: backbone frozen (BatchNorm in inference mode); the 512-d features 
 With ``init_weights`` (fine-tuning) phase A starts from those weights at ``finetune_lr_factor``
 times the learning rate; phase B is unchanged.
 
+The network is the one ``TrainConfig.arch`` (or the starting checkpoint's ``arch``) names: the
+3-D :class:`~spinecohort.nets.grader_cpu.GraderCPU` or the slice-pooled
+:class:`~spinecohort.nets.grader_slices.GraderSlices`. For the latter, augmentation keeps all-zero
+(padding) slices zero, and ``single_slice_p`` reduces that share of the IVVs to their centre slice
+(what a 1-slice series gives). A disc's all-zero target row masks that task for it (a cohort that
+grades only some tasks); ``fit(..., aux=...)`` adds binary auxiliary losses on the heads'
+probabilities (P(Narrowing > 1); the noisy-or of the marrow heads) for grades on other scales
+(:mod:`spinecohort.training.grader_real`: SPIDER's binary narrowing and Modic > 0).
+
 Entry points
 ------------
 ``train_synthetic(out, data_dir, ...)``: the shipped default grader: synthetic
