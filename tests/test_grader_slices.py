@@ -170,3 +170,37 @@ def test_team_cv_fine_tunes_a_slice_pooled_checkpoint(net, tmp_path):
                                  tta=1, log=lambda m: None)
     assert len(oof) == 8 and set(oof["fold"]) == {0, 1}
     assert all(isinstance(g.net, GraderSlices) for g in models)
+
+
+def test_ordinal_pfirrmann_term_grows_with_grade_distance():
+    """The expected-grade L1 term charges a 1-vs-5 confusion more than a 1-vs-2 one and ignores
+    discs without a Pfirrmann grade."""
+    from spinecohort.training.grader import _PFIRRMANN, _ordinal_loss
+
+    k = TASKS[_PFIRRMANN].n_classes
+    logits = [torch.zeros(3, t.n_classes) for t in TASKS]
+    logits[_PFIRRMANN] = torch.tensor([[9.0, 0, 0, 0, 0]] * 3)  # confidently grade 1
+    weights = [torch.ones(t.n_classes) for t in TASKS]
+
+    def loss(grade):
+        tg = [torch.zeros(3, t.n_classes) for t in TASKS]
+        tg[_PFIRRMANN][0, grade] = 1.0  # rows 1-2 unlabelled
+        return float(_ordinal_loss(logits, tg, weights))
+
+    assert k == 5
+    assert loss(0) < 0.01 < loss(1) < loss(4)
+    assert loss(4) == pytest.approx(1.0, abs=0.01)
+
+
+def test_group_share_batches():
+    """``group_share`` draws that share of each batch from the marked rows; uniform when off."""
+    from spinecohort.training.grader import _batches_of
+
+    group = np.r_[np.ones(20, bool), np.zeros(60, bool)]
+    it = _batches_of(80, 16, np.random.default_rng(0), group, 0.75)
+    for _ in range(5):
+        b = next(it)
+        assert len(np.unique(b)) == 16 and group[b].sum() == 12
+    it = _batches_of(80, 16, np.random.default_rng(0), group, 0.0)
+    seen = np.concatenate([next(it) for _ in range(5)])
+    assert len(np.unique(seen)) == 80

@@ -148,6 +148,13 @@ class TrainConfig:
     single_slice_p: float = 0.0  # share of training IVVs reduced to their centre slice (index 4)
     keep_empty_slices: bool = False  # augmentation keeps all-zero (padding) slices zero
     aux_weight: float = 1.0  # weight of the auxiliary binary losses (fit's ``aux``)
+    # Pfirrmann is ordinal and scored with linear kappa: plain cross-entropy charges a 1-vs-2 and a
+    # 1-vs-5 confusion alike, so an expected-grade L1 term (scaled to [0, 1]) is added with this
+    # weight (0 = off), in both phases
+    ordinal_weight: float = 0.0
+    # share of each phase-A batch drawn from the rows ``fit(..., group=...)`` marks True (e.g. the
+    # real SPIDER discs among phantoms); 0 = uniform draws over all rows as before
+    group_share: float = 0.0
 
 
 # ----------------------------------------------------------------------------- data
@@ -332,6 +339,26 @@ def _loss(logits, targets, weights, mask_sum_floor: float = 1.0):
 
 
 _NARROWING, _UPPER_MARROW, _LOWER_MARROW = (TASK_NAMES.index(n) for n in ("Narrowing", "UpperMarrow", "LowerMarrow"))
+_PFIRRMANN = TASK_NAMES.index("Pfirrmann")
+
+
+def _ordinal_loss(logits, targets, weights, task: int = _PFIRRMANN):
+    """Class-weighted mean |E_model[grade] - E_target[grade]| / (K - 1) on task ``task``'s labelled
+    rows: a distance-aware term for an ordinal grade (Pfirrmann), which SpineNet (Jamaludin et al.
+    2017) and SpineNetV2 (Windsor et al. 2022) treat as plain classes; here it sits beside the
+    cross-entropy to make far-off grades cost more, which is what linear kappa measures."""
+    import torch
+
+    lg, tg, w = logits[task].float(), targets[task], weights[task]
+    lab = tg.sum(1) > 0
+    if not bool(lab.any()):
+        return 0.0
+    lg, tg = lg[lab], tg[lab]
+    k = torch.arange(lg.shape[1], dtype=lg.dtype, device=lg.device)
+    tg = tg / tg.sum(1, keepdim=True)
+    err = ((torch.softmax(lg, 1) * k).sum(1) - (tg * k).sum(1)).abs() / max(1, lg.shape[1] - 1)
+    rw = (tg * w[None]).sum(1)  # the target's class weight, so rare grades are not drowned out
+    return (rw * err).sum() / rw.sum().clamp_min(1e-6)
 
 
 def aux_probabilities(logits) -> "torch.Tensor":
@@ -391,7 +418,19 @@ def _single_slice(x: "torch.Tensor", gen: "torch.Generator", p: float) -> "torch
     return x
 
 
-def _batches_of(n: int, size: int, rng: np.random.Generator):
+def _batches_of(n: int, size: int, rng: np.random.Generator, group: np.ndarray | None = None,
+                share: float = 0.0):
+    """Index batches: epochs of a permutation, or (``group`` and ``share`` > 0) ``round(share *
+    size)`` rows drawn from ``group``'s True rows and the rest from the others, each side cycling
+    through its own permutations."""
+    if group is not None and share > 0:
+        g_in, g_out = np.flatnonzero(group), np.flatnonzero(~np.asarray(group, bool))
+        k_in = int(round(share * size))
+        ok = 0 < k_in < size and k_in <= len(g_in) and size - k_in <= len(g_out)  # else: uniform draws
+        its = [_batches_of(len(g_in), k_in, rng), _batches_of(len(g_out), size - k_in, rng)] if ok else None
+        if its is not None:
+            while True:
+                yield np.sort(np.concatenate([g_in[next(its[0])], g_out[next(its[1])]]))
     while True:
         perm = rng.permutation(n)
         for i in range(0, n - size + 1, size):
@@ -439,7 +478,7 @@ def balanced_accuracy_simple(probs: Sequence[np.ndarray], targets: Sequence[np.n
 def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None = None,
         init_state: dict | None = None, log: Callable[[str], None] = print,
         val: tuple[np.ndarray, Sequence[np.ndarray]] | None = None, device: str = "cpu",
-        aux: np.ndarray | None = None, finetune: bool | None = None):
+        aux: np.ndarray | None = None, finetune: bool | None = None, group: np.ndarray | None = None):
     """Train the grader ``config.arch`` names (:func:`spinecohort.nets.grader_slices.build_grader_net`:
     the slice-pooled net or the 3-D :class:`GraderCPU`) on uint8 IVVs ``X`` (N, 9, 112, 224) and
     soft ``targets`` (a disc's all-zero target row masks that task for it); returns the network
@@ -448,6 +487,7 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
     ``aux``: optional (N, 2) float auxiliary binary targets (NaN = not graded) compared with
     :func:`aux_probabilities` (P(Narrowing > 1); noisy-or of the marrow heads) with a
     class-weighted binary cross-entropy times ``config.aux_weight``, in both phases.
+    ``group``: optional (N,) bool rows that make up ``config.group_share`` of each phase-A batch.
     ``finetune``: whether ``init_state`` counts as fine-tuning (learning rate x
     ``finetune_lr_factor``; default: whenever ``init_state`` is given).
 
@@ -495,7 +535,10 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
         q = (step - warm) / max(1, cfg.steps - warm)
         return lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * q)))
 
-    batches = _batches_of(n, min(cfg.batch_size, n), rng)
+    batches = _batches_of(n, min(cfg.batch_size, n), rng, group, cfg.group_share)
+
+    def ord_term(logits, tb, weights):
+        return cfg.ordinal_weight * _ordinal_loss(logits, tb, weights) if cfg.ordinal_weight else 0.0
     net.train()
     run_loss = 0.0
     for step in range(cfg.steps):
@@ -506,7 +549,8 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
         xb, tb = augment_batch(xb, [t[idx] for t in tg_all], gen, cfg.aug_strength,
                                cfg.slice_jitter_p, cfg.affine_p, cfg.noise_p, keep_empty)
         logits = net(xb[:, None].to(dev))
-        loss = _loss(logits, [t.to(dev) for t in tb], wa) + aux_term(logits, idx, wxa)
+        tb = [t.to(dev) for t in tb]
+        loss = _loss(logits, tb, wa) + aux_term(logits, idx, wxa) + ord_term(logits, tb, wa)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -561,7 +605,8 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
             for gp in opt.param_groups:
                 gp["lr"] = cfg.head_lr * 0.5 * (1.0 + math.cos(math.pi * it / total))
             logits = net.classify(F_all[sel])
-            loss = _loss(logits, [t[sel] for t in T_all], wb) + aux_term(logits, I_all[sel.cpu().numpy()], wxb)
+            ts = [t[sel] for t in T_all]
+            loss = _loss(logits, ts, wb) + aux_term(logits, I_all[sel.cpu().numpy()], wxb) + ord_term(logits, ts, wb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

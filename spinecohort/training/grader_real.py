@@ -234,7 +234,7 @@ DEFAULT_K = 5
 DEFAULT_STEPS = 1000
 
 
-def slices_config(seed: int = 0, steps: int = DEFAULT_STEPS):
+def slices_config(seed: int = 0, steps: int = DEFAULT_STEPS, ordinal_weight: float = 0.0, spider_share: float = 0.0):
     """The recipe (:class:`spinecohort.training.grader.TrainConfig` defaults, chosen a priori and
     not tuned on any fold) for :class:`spinecohort.nets.grader_slices.GraderSlices`: half of the
     9-slice IVVs reduced to their centre slice, padding slices kept empty under augmentation."""
@@ -242,7 +242,8 @@ def slices_config(seed: int = 0, steps: int = DEFAULT_STEPS):
     from .grader import TrainConfig
 
     return TrainConfig(steps=int(steps), seed=int(seed), arch=json.loads(json.dumps(DEFAULT_SLICES_ARCH)),
-                       single_slice_p=0.5, keep_empty_slices=True, aux_weight=1.0)
+                       single_slice_p=0.5, keep_empty_slices=True, aux_weight=1.0,
+                       ordinal_weight=float(ordinal_weight), group_share=float(spider_share))
 
 
 def initial_state(init_3d: str | Path | None):
@@ -292,12 +293,14 @@ def predictions_frame(keys: pd.DataFrame, probs: Sequence[np.ndarray], extra: Ma
 class _Run:
     """Data and settings shared by the stages of one run (loaded lazily, cached under ``work``)."""
 
-    def __init__(self, spider_dir, work, k=DEFAULT_K, seed=0, steps=DEFAULT_STEPS, init_3d=None, log=print):
+    def __init__(self, spider_dir, work, k=DEFAULT_K, seed=0, steps=DEFAULT_STEPS, init_3d=None, log=print,
+                 ordinal_weight=0.0, spider_share=0.0):
         from ..shipped import MODELS_DIR
 
         self.spider_dir, self.work = Path(spider_dir), Path(work)
         self.k, self.seed, self.steps, self.log = int(k), int(seed), int(steps), log
         self.init_3d = init_3d if init_3d is not None else str(MODELS_DIR / "grader-cpu-v3.pt")
+        self.ordinal_weight, self.spider_share = float(ordinal_weight), float(spider_share)
         self.work.mkdir(parents=True, exist_ok=True)
         self._spider = self._phantoms = None
 
@@ -328,12 +331,14 @@ class _Run:
         X, keys, targets, aux, *_ = self.spider
         Xp, _, tp = self.phantoms
         Xa, ta, aa = _combine([(X[spider_rows], [t[spider_rows] for t in targets], aux[spider_rows]), (Xp, tp, None)])
-        cfg = slices_config(self.seed, self.steps)
+        cfg = slices_config(self.seed, self.steps, self.ordinal_weight, self.spider_share)
+        group = np.r_[np.ones(len(spider_rows), bool), np.zeros(len(Xp), bool)]  # SPIDER rows first
         self.log(f"{tag}: {len(spider_rows)} SPIDER IVVs ({keys.iloc[spider_rows]['subject_id'].nunique()} patients)"
-                 f" + {len(Xp)} phantom IVVs, {cfg.steps} steps, init {self.init_3d}")
+                 f" + {len(Xp)} phantom IVVs, {cfg.steps} steps, ordinal weight {cfg.ordinal_weight},"
+                 f" SPIDER batch share {cfg.group_share or 'uniform'}, init {self.init_3d}")
         torch.manual_seed(self.seed)
         t0 = time.time()
-        net = fit(Xa, ta, cfg, init_state=initial_state(self.init_3d), finetune=False, log=self.log, aux=aa)
+        net = fit(Xa, ta, cfg, init_state=initial_state(self.init_3d), finetune=False, log=self.log, aux=aa, group=group)
         return net, cfg, time.time() - t0
 
 
@@ -415,12 +420,13 @@ def stage_inner(run: _Run, outer_fold: int = 0, tta: int = 4) -> Path:
     preds = predictions_frame(keys.iloc[va].reset_index(drop=True), predict_probs(net, X[va], tta=tta))
     labels = run.spider[4]
     summary = agreement_summary(preds, labels[labels["subject_id"].isin(set(keys.iloc[va]["subject_id"]))], 0, run.seed)
-    res = {"steps": run.steps, "outer_fold": outer_fold, "n_train": int(len(tr)), "n_val": int(len(va)),
+    res = {"steps": run.steps, "ordinal_weight": run.ordinal_weight, "spider_share": run.spider_share, "outer_fold": outer_fold, "n_train": int(len(tr)), "n_val": int(len(va)),
            "train_seconds": round(seconds, 1),
            "tasks": {t: {"balanced_accuracy": r["balanced_accuracy"]["estimate"], "kappa": r["kappa"]["estimate"]}
                      for t, r in summary.items()}}
     res["mean_balanced_accuracy"] = float(np.mean([v["balanced_accuracy"] for v in res["tasks"].values()]))
-    out = run.work / f"inner_f{outer_fold}_steps{run.steps}.json"
+    variant = (f"_ord{run.ordinal_weight:g}" if run.ordinal_weight else "") + (f"_share{run.spider_share:g}" if run.spider_share else "")
+    out = run.work / f"inner_f{outer_fold}_steps{run.steps}{variant}.json"
     out.write_text(json.dumps(res, indent=1))
     run.log(f"inner: {json.dumps(res)}")
     return out
@@ -567,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--init-3d", default=None, help="3-D grader to start from (default models/grader-cpu-v3.pt; 'scratch')")
+    p.add_argument("--ordinal-weight", type=float, default=0.0, help="expected-grade L1 term on Pfirrmann (0 = off)")
+    p.add_argument("--spider-share", type=float, default=0.0, help="SPIDER share of each phase-A batch (0 = uniform)")
     p.add_argument("--tta", type=int, default=4)
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
@@ -584,7 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     log = ProgressLog(args.log)
-    run = _Run(args.spider, args.work, args.k, args.seed, args.steps, args.init_3d, log)
+    run = _Run(args.spider, args.work, args.k, args.seed, args.steps, args.init_3d, log,
+               args.ordinal_weight, args.spider_share)
     out = Path(args.out) if args.out else MODELS_DIR / "grader-cpu-v4.pt"
     if args.stage == "inner":
         stage_inner(run, 0, args.tta)
