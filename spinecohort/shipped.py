@@ -10,7 +10,10 @@ DEFAULT_MODELS = {
     "detector": "detector-cpu-v5.pt",
     "appearance": "appearance-cpu-v1.pt",
     "context": "context-cpu-v1.pt",
-    "grader": "grader-cpu-v3.pt",
+    # v4 (SPIDER + phantoms): the product grades real discs, where v3 (phantoms only) is at chance
+    # (SPIDER Pfirrmann balanced accuracy 0.20 vs v4's 0.48 in patient CV); v4 gives up 7-9 points
+    # on phantom-only tasks, a trade-off written in models/grader-cpu-v4.md
+    "grader": "grader-cpu-v4.pt",
 }
 
 

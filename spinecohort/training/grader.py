@@ -1,5 +1,6 @@
-"""Training the disc grader (``spinecohort train grader``): the shipped synthetic default, and a
-team's own data with patient-level k-fold cross-validation and fine-tuning.
+"""Training the disc grader (``spinecohort train grader``): the synthetic-only grader-cpu-v3 (the
+shipped default until grader-cpu-v4, :mod:`spinecohort.training.grader_real`), and a team's own
+data with patient-level k-fold cross-validation and fine-tuning.
 
 Recipe (SpineNetV2-style, sized for a shared CPU)
 -------------------------------------------------
@@ -37,7 +38,7 @@ probabilities (P(Narrowing > 1); the noisy-or of the marrow heads) for grades on
 
 Entry points
 ------------
-``train_synthetic(out, data_dir, ...)``: the shipped default grader: synthetic
+``train_synthetic(out, data_dir, ...)``: grader-cpu-v3 (synthetic only): synthetic
 scans (:mod:`spinecohort.synthetic`) -> IVVs from the truth polygons -> labels = the two simulated
 reads (R1, R1-repeat; what a team with a repeat-read subset has), evaluated on a held-out
 synthetic cohort with disjoint seeds against R1, beside R1 vs R1-repeat.
@@ -109,11 +110,13 @@ __all__ = [
 ]
 
 TASK_NAMES = tuple(t.name for t in TASKS)
-DEFAULT_OUT = default_model_path("grader")
+# the synthetic-only recipe's output: grader-cpu-v3 (no longer the default grader, so it is named
+# here rather than taken from shipped.DEFAULT_MODELS, which would overwrite v4 with a 3-D model)
+DEFAULT_OUT = default_model_path("grader").parent / "grader-cpu-v3.pt"
 DEFAULT_DATA_DIR = Path("/tmp/grader_data")
 DEFAULT_LOG = Path("/tmp/grader_train.log")
 SYNTH_TRAIN_SEEDS = (100_000, 101_600)  # [start, stop)
-SYNTH_STEPS = 8800  # phase-A steps of the shipped synthetic default (twice a team run's default)
+SYNTH_STEPS = 8800  # phase-A steps of the synthetic-only grader-cpu-v3 (twice a team run's default)
 SYNTH_TEST_SEEDS = (900_000, 900_250)
 READS_SEED = {"train": 11, "test": 12}
 _FSL, _FSR = TASK_NAMES.index("ForaminalStenosisLeft"), TASK_NAMES.index("ForaminalStenosisRight")
@@ -1339,7 +1342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=["global", "quadrants", "hybrid"], default=None,
                    help="feature pooling of a new network (spinecohort.nets.grader_cpu; default: DEFAULT_ARCH's)")
     p.add_argument("--final", action="store_true", help="after CV, also train on all labelled discs -> OUT/grader.pt")
-    p.add_argument("--synthetic", action="store_true", help="reproduce the shipped synthetic default")
+    p.add_argument("--synthetic", action="store_true", help="reproduce the synthetic-only grader-cpu-v3 (--out models/grader-cpu-v3.pt)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="synthetic cohort cache (with --synthetic)")
     p.add_argument("--workers", type=int, default=1, help="processes generating synthetic scans")
     p.add_argument("--train-seeds", type=int, nargs=2, default=list(SYNTH_TRAIN_SEEDS), metavar=("START", "STOP"),
