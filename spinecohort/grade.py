@@ -1,7 +1,8 @@
 """Disc grading inference with test-time augmentation, and evidence hotspots.
 
-``Grader`` wraps either the CPU default network (:mod:`spinecohort.nets.grader_cpu`, loaded from
-``models/grader-cpu-v2.pt``) or the official SpineNetV2 grading network
+``Grader`` wraps either a CPU network (the slice-pooled :mod:`spinecohort.nets.grader_slices` or
+the 3-D :mod:`spinecohort.nets.grader_cpu`, loaded from a ``models/grader-cpu-v*.pt`` checkpoint
+whose ``arch`` names it) or the official SpineNetV2 grading network
 (:class:`spinecohort.nets.official.GradingModel`), and returns, per IVV, class probabilities on
 the contract's scale for every task in :data:`spinecohort.tasks.TASKS`.
 
@@ -131,15 +132,20 @@ class Grader:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "Grader":
         from .nets.grader_cpu import GraderCPU
+        from .nets.grader_slices import build_grader_net
 
         path = Path(path)
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not a spinecohort grader checkpoint")
-        net = GraderCPU(**payload.get("arch", {}))
+        try:  # the arch dict names the network (slice-pooled "slices2d"; no name = the 3-D GraderCPU)
+            net = build_grader_net(payload.get("arch", {}))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: grader checkpoint with an unusable arch: {exc}") from exc
         state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
         net.load_state_dict(state, strict=True)
-        net.to(memory_format=torch.channels_last_3d)
+        if isinstance(net, GraderCPU):
+            net.to(memory_format=torch.channels_last_3d)
         return cls(net, "cpu", device, payload.get("meta"), model_id=path.stem)
 
     @classmethod
@@ -222,6 +228,9 @@ class Grader:
         rng = np.random.default_rng(seed)
         shifts = [(0, 0, 0)] + [(0, int(rng.integers(-4, 5)), int(rng.integers(-8, 9))) for _ in range(n_aug - 1)]
         noise = [np.zeros_like(vol)] + [rng.normal(0.0, 0.02, vol.shape).astype(np.float32) for _ in range(n_aug - 1)]
+        # all-zero slices are padding (no slice there; the slice-pooled grader skips them): keep them zero
+        filled = (np.abs(vol).reshape(vol.shape[0], -1).max(axis=1) > 0).astype(np.float32)[:, None, None]
+        noise = [nz * filled for nz in noise]
         base = torch.from_numpy(vol)
         views = torch.stack([shift_volume(base, s) + torch.from_numpy(nz) for s, nz in zip(shifts, noise)])
         views = views.to(self.device).requires_grad_(True)

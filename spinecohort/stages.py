@@ -254,7 +254,7 @@ class GradeStage(Stage):
                 raise FileNotFoundError(f"models.grader: grader checkpoint not found: {path}")
             self.grader = Grader.load(path, device=self.device)
             # a team's own grader (e.g. `snakemake train_grader`'s grader.pt) is named apart
-            # from the shipped synthetic-trained default; its sha256 pins the exact file
+            # from the shipped default; its sha256 pins the exact file
             self.model_id = f"custom/{path.name}" if custom else path.stem
             self._models = {self.model_id: sha256_file(path)}
         self._examples_left = self.REPORT_EXAMPLES_PER_SHARD

@@ -1,5 +1,6 @@
-"""Training the disc grader (``spinecohort train grader``): the shipped synthetic default, and a
-team's own data with patient-level k-fold cross-validation and fine-tuning.
+"""Training the disc grader (``spinecohort train grader``): the synthetic-only grader-cpu-v3 (the
+shipped default until grader-cpu-v4, :mod:`spinecohort.training.grader_real`), and a team's own
+data with patient-level k-fold cross-validation and fine-tuning.
 
 Recipe (SpineNetV2-style, sized for a shared CPU)
 -------------------------------------------------
@@ -26,9 +27,18 @@ B. **heads**: backbone frozen (BatchNorm in inference mode); the 512-d features 
 With ``init_weights`` (fine-tuning) phase A starts from those weights at ``finetune_lr_factor``
 times the learning rate; phase B is unchanged.
 
+The network is the one ``TrainConfig.arch`` (or the starting checkpoint's ``arch``) names: the
+3-D :class:`~spinecohort.nets.grader_cpu.GraderCPU` or the slice-pooled
+:class:`~spinecohort.nets.grader_slices.GraderSlices`. For the latter, augmentation keeps all-zero
+(padding) slices zero, and ``single_slice_p`` reduces that share of the IVVs to their centre slice
+(what a 1-slice series gives). A disc's all-zero target row masks that task for it (a cohort that
+grades only some tasks); ``fit(..., aux=...)`` adds binary auxiliary losses on the heads'
+probabilities (P(Narrowing > 1); the noisy-or of the marrow heads) for grades on other scales
+(:mod:`spinecohort.training.grader_real`: SPIDER's binary narrowing and Modic > 0).
+
 Entry points
 ------------
-``train_synthetic(out, data_dir, ...)``: the shipped default grader: synthetic
+``train_synthetic(out, data_dir, ...)``: grader-cpu-v3 (synthetic only): synthetic
 scans (:mod:`spinecohort.synthetic`) -> IVVs from the truth polygons -> labels = the two simulated
 reads (R1, R1-repeat; what a team with a repeat-read subset has), evaluated on a held-out
 synthetic cohort with disjoint seeds against R1, beside R1 vs R1-repeat.
@@ -100,11 +110,13 @@ __all__ = [
 ]
 
 TASK_NAMES = tuple(t.name for t in TASKS)
-DEFAULT_OUT = default_model_path("grader")
+# the synthetic-only recipe's output: grader-cpu-v3 (no longer the default grader, so it is named
+# here rather than taken from shipped.DEFAULT_MODELS, which would overwrite v4 with a 3-D model)
+DEFAULT_OUT = default_model_path("grader").parent / "grader-cpu-v3.pt"
 DEFAULT_DATA_DIR = Path("/tmp/grader_data")
 DEFAULT_LOG = Path("/tmp/grader_train.log")
 SYNTH_TRAIN_SEEDS = (100_000, 101_600)  # [start, stop)
-SYNTH_STEPS = 8800  # phase-A steps of the shipped synthetic default (twice a team run's default)
+SYNTH_STEPS = 8800  # phase-A steps of the synthetic-only grader-cpu-v3 (twice a team run's default)
 SYNTH_TEST_SEEDS = (900_000, 900_250)
 READS_SEED = {"train": 11, "test": 12}
 _FSL, _FSR = TASK_NAMES.index("ForaminalStenosisLeft"), TASK_NAMES.index("ForaminalStenosisRight")
@@ -135,6 +147,17 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 0  # with a validation set: every N steps (0 = only at the end)
     tta_eval: int = 4
+    # slice-pooled grader (spinecohort.nets.grader_slices) on 1- and 9-slice IVVs:
+    single_slice_p: float = 0.0  # share of training IVVs reduced to their centre slice (index 4)
+    keep_empty_slices: bool = False  # augmentation keeps all-zero (padding) slices zero
+    aux_weight: float = 1.0  # weight of the auxiliary binary losses (fit's ``aux``)
+    # Pfirrmann is ordinal and scored with linear kappa: plain cross-entropy charges a 1-vs-2 and a
+    # 1-vs-5 confusion alike, so an expected-grade L1 term (scaled to [0, 1]) is added with this
+    # weight (0 = off), in both phases
+    ordinal_weight: float = 0.0
+    # share of each phase-A batch drawn from the rows ``fit(..., group=...)`` marks True (e.g. the
+    # real SPIDER discs among phantoms); 0 = uniform draws over all rows as before
+    group_share: float = 0.0
 
 
 # ----------------------------------------------------------------------------- data
@@ -232,9 +255,11 @@ def _noise_bank(shape: tuple[int, int, int], n: int = 24) -> "torch.Tensor":
 
 def augment_batch(x: "torch.Tensor", targets: list["torch.Tensor"], gen: "torch.Generator",
                   strength: float = 1.0, slice_jitter_p: float = 0.3, affine_p: float = 0.5,
-                  noise_p: float = 0.3) -> tuple["torch.Tensor", list["torch.Tensor"]]:
+                  noise_p: float = 0.3, keep_empty_slices: bool = False) -> tuple["torch.Tensor", list["torch.Tensor"]]:
     """Training augmentation of a (B, 9, 112, 224) float batch in [0, 1] (see the module docs).
-    Returns the augmented batch and the targets with foraminal left/right swapped where mirrored."""
+    Returns the augmented batch and the targets with foraminal left/right swapped where mirrored.
+    ``keep_empty_slices``: all-zero slices (padding, "no slice here") stay exactly zero, as the
+    slice-pooled grader reads them (noise would turn them into slices)."""
     import torch
     import torch.nn.functional as F
 
@@ -283,6 +308,7 @@ def augment_batch(x: "torch.Tensor", targets: list["torch.Tensor"], gen: "torch.
         grid = F.affine_grid(theta, (m, s, h, w), align_corners=False)
         x = x.clone()
         x[sel] = F.grid_sample(x[sel], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    filled = x.flatten(2).abs().amax(2) > 0  # (B, S): slices holding data, before noise
     # intensity: a gamma-like monotone curve x (1 + a (1 - x)) on [0, 1] and a scale for all,
     # Gaussian noise on a subset (probability noise_p; drawn from a small bank of noise volumes,
     # which costs far less than fresh draws)
@@ -295,6 +321,8 @@ def augment_batch(x: "torch.Tensor", targets: list["torch.Tensor"], gen: "torch.
         pick = torch.randint(0, len(bank), (len(nsel),), generator=gen)
         sd = u(0.0, 0.03 * strength, len(nsel))[:, None, None, None]
         x[nsel] = x[nsel] + sd * bank[pick]
+    if keep_empty_slices:
+        x = x * filled[:, :, None, None].to(x.dtype)
     return x.clamp(0.0, 1.0), targets
 
 
@@ -313,7 +341,99 @@ def _loss(logits, targets, weights, mask_sum_floor: float = 1.0):
     return total
 
 
-def _batches_of(n: int, size: int, rng: np.random.Generator):
+_NARROWING, _UPPER_MARROW, _LOWER_MARROW = (TASK_NAMES.index(n) for n in ("Narrowing", "UpperMarrow", "LowerMarrow"))
+_PFIRRMANN = TASK_NAMES.index("Pfirrmann")
+
+
+def _ordinal_loss(logits, targets, weights, task: int = _PFIRRMANN):
+    """Class-weighted mean |E_model[grade] - E_target[grade]| / (K - 1) on task ``task``'s labelled
+    rows: a distance-aware term for an ordinal grade (Pfirrmann), which SpineNet (Jamaludin et al.
+    2017) and SpineNetV2 (Windsor et al. 2022) treat as plain classes; here it sits beside the
+    cross-entropy to make far-off grades cost more, which is what linear kappa measures."""
+    import torch
+
+    lg, tg, w = logits[task].float(), targets[task], weights[task]
+    lab = tg.sum(1) > 0
+    if not bool(lab.any()):
+        return 0.0
+    lg, tg = lg[lab], tg[lab]
+    k = torch.arange(lg.shape[1], dtype=lg.dtype, device=lg.device)
+    tg = tg / tg.sum(1, keepdim=True)
+    err = ((torch.softmax(lg, 1) * k).sum(1) - (tg * k).sum(1)).abs() / max(1, lg.shape[1] - 1)
+    rw = (tg * w[None]).sum(1)  # the target's class weight, so rare grades are not drowned out
+    return (rw * err).sum() / rw.sum().clamp_min(1e-6)
+
+
+def aux_probabilities(logits) -> "torch.Tensor":
+    """(B, 2) probabilities the auxiliary targets are compared with: P(Narrowing > 1), and the
+    noisy-or of the two marrow heads, 1 - (1 - P(UpperMarrow)) (1 - P(LowerMarrow))."""
+    import torch
+
+    narrow = torch.softmax(logits[_NARROWING].float(), 1)[:, 1:].sum(1)
+    up = torch.softmax(logits[_UPPER_MARROW].float(), 1)[:, 1]
+    low = torch.softmax(logits[_LOWER_MARROW].float(), 1)[:, 1]
+    return torch.stack([narrow, 1.0 - (1.0 - up) * (1.0 - low)], 1)
+
+
+def aux_weights(aux: np.ndarray, power: float) -> np.ndarray:
+    """(2, 2) class weights (negative, positive) per auxiliary target, as :func:`class_weights`."""
+    out = []
+    for j in range(aux.shape[1]):
+        a = aux[:, j]
+        ok = np.isfinite(a)
+        onehot = np.zeros((len(a), 2), np.float32)
+        onehot[ok, a[ok].astype(int)] = 1.0
+        out.append(class_weights([onehot], power)[0])
+    return np.stack(out)
+
+
+def _aux_loss(logits, aux: "torch.Tensor", weights: "torch.Tensor") -> "torch.Tensor | float":
+    """Class-weighted binary cross-entropy of :func:`aux_probabilities` against ``aux`` (B, 2)
+    (NaN = not graded), averaged over the graded entries of each target and summed."""
+    import torch
+
+    p = aux_probabilities(logits).clamp(1e-6, 1.0 - 1e-6)
+    total = 0.0
+    for j in range(aux.shape[1]):
+        ok = torch.isfinite(aux[:, j])
+        if not bool(ok.any()):
+            continue
+        y = aux[ok, j]
+        w = torch.where(y > 0.5, weights[j, 1], weights[j, 0])
+        total = total + -(w * (y * p[ok, j].log() + (1.0 - y) * (1.0 - p[ok, j]).log())).sum() / float(ok.sum())
+    return total
+
+
+def _single_slice(x: "torch.Tensor", gen: "torch.Generator", p: float) -> "torch.Tensor":
+    """A share ``p`` of the (B, 9, R, C) batch reduced to the centre slice (the others zeroed):
+    what a 1-slice series gives (slice index 4 of an IVV)."""
+    import torch
+
+    if p <= 0:
+        return x
+    sel = torch.rand(x.shape[0], generator=gen) < p
+    if not bool(sel.any()):
+        return x
+    keep = torch.zeros(x.shape[1], dtype=x.dtype)
+    keep[x.shape[1] // 2] = 1.0
+    x = x.clone()
+    x[sel] = x[sel] * keep[None, :, None, None]
+    return x
+
+
+def _batches_of(n: int, size: int, rng: np.random.Generator, group: np.ndarray | None = None,
+                share: float = 0.0):
+    """Index batches: epochs of a permutation, or (``group`` and ``share`` > 0) ``round(share *
+    size)`` rows drawn from ``group``'s True rows and the rest from the others, each side cycling
+    through its own permutations."""
+    if group is not None and share > 0:
+        g_in, g_out = np.flatnonzero(group), np.flatnonzero(~np.asarray(group, bool))
+        k_in = int(round(share * size))
+        ok = 0 < k_in < size and k_in <= len(g_in) and size - k_in <= len(g_out)  # else: uniform draws
+        its = [_batches_of(len(g_in), k_in, rng), _batches_of(len(g_out), size - k_in, rng)] if ok else None
+        if its is not None:
+            while True:
+                yield np.sort(np.concatenate([g_in[next(its[0])], g_out[next(its[1])]]))
     while True:
         perm = rng.permutation(n)
         for i in range(0, n - size + 1, size):
@@ -327,7 +447,7 @@ def _to_float(xb: np.ndarray) -> "torch.Tensor":
 
 
 def predict_probs(net, X: np.ndarray, tta: int = 4, batch_size: int = 32, device: str = "cpu") -> list[np.ndarray]:
-    """Per task (N, k) TTA-averaged probabilities of a :class:`GraderCPU` on uint8 or float IVVs
+    """Per task (N, k) TTA-averaged probabilities of a grading network (3-D or slice-pooled) on uint8 or float IVVs
     (the network is moved to ``device``)."""
     import torch
 
@@ -360,32 +480,54 @@ def balanced_accuracy_simple(probs: Sequence[np.ndarray], targets: Sequence[np.n
 
 def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None = None,
         init_state: dict | None = None, log: Callable[[str], None] = print,
-        val: tuple[np.ndarray, Sequence[np.ndarray]] | None = None, device: str = "cpu"):
-    """Train a :class:`GraderCPU` on uint8 IVVs ``X`` (N, 9, 112, 224) and soft ``targets``;
-    returns the network (eval mode, on ``device``) after phases A and B.
+        val: tuple[np.ndarray, Sequence[np.ndarray]] | None = None, device: str = "cpu",
+        aux: np.ndarray | None = None, finetune: bool | None = None, group: np.ndarray | None = None):
+    """Train the grader ``config.arch`` names (:func:`spinecohort.nets.grader_slices.build_grader_net`:
+    the slice-pooled net or the 3-D :class:`GraderCPU`) on uint8 IVVs ``X`` (N, 9, 112, 224) and
+    soft ``targets`` (a disc's all-zero target row masks that task for it); returns the network
+    (eval mode, on ``device``) after phases A and B.
+
+    ``aux``: optional (N, 2) float auxiliary binary targets (NaN = not graded) compared with
+    :func:`aux_probabilities` (P(Narrowing > 1); noisy-or of the marrow heads) with a
+    class-weighted binary cross-entropy times ``config.aux_weight``, in both phases.
+    ``group``: optional (N,) bool rows that make up ``config.group_share`` of each phase-A batch.
+    ``finetune``: whether ``init_state`` counts as fine-tuning (learning rate x
+    ``finetune_lr_factor``; default: whenever ``init_state`` is given).
 
     ``device`` (e.g. ``"cuda"``) runs the network there; batches are drawn and augmented on the
     CPU with the same seeded generators, so the sequence of batches does not depend on it."""
     import torch
 
-    from ..nets.grader_cpu import GraderCPU
+    from ..nets.grader_slices import build_grader_net
 
     cfg = config or TrainConfig()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    net = GraderCPU(**cfg.arch)
-    finetune = init_state is not None
-    if finetune:
+    net = build_grader_net(cfg.arch)
+    # the slice-pooled net reads all-zero slices as "no slice": augmentation must keep them empty
+    keep_empty = bool(cfg.keep_empty_slices or getattr(net, "arch", {}).get("name") == "slices2d")
+    if finetune is None:
+        finetune = init_state is not None
+    if init_state is not None:
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init_state.items()})
     dev = torch.device(device)
     net.to(dev)
     tg_all = [torch.from_numpy(t) for t in targets]
     n = len(X)
     t0 = time.time()
+    aux_t = None if aux is None else torch.from_numpy(np.asarray(aux, np.float32))
+    if aux_t is not None and len(aux_t) != n:
+        raise ValueError(f"aux has {len(aux_t)} rows for {n} IVVs")
+
+    def aux_term(logits, idx, weights):
+        if aux_t is None or cfg.aux_weight == 0:
+            return 0.0
+        return cfg.aux_weight * _aux_loss(logits, aux_t[idx].to(dev), weights)
 
     # ---- phase A: whole network
     wa = [torch.from_numpy(w).to(dev) for w in class_weights(targets, cfg.balance_power_backbone)]
+    wxa = None if aux is None else torch.from_numpy(aux_weights(np.asarray(aux, np.float32), cfg.balance_power_backbone)).to(dev)
     lr = cfg.lr * (cfg.finetune_lr_factor if finetune else 1.0)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.steps * cfg.warmup_frac))
@@ -396,16 +538,22 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
         q = (step - warm) / max(1, cfg.steps - warm)
         return lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * q)))
 
-    batches = _batches_of(n, min(cfg.batch_size, n), rng)
+    batches = _batches_of(n, min(cfg.batch_size, n), rng, group, cfg.group_share)
+
+    def ord_term(logits, tb, weights):
+        return cfg.ordinal_weight * _ordinal_loss(logits, tb, weights) if cfg.ordinal_weight else 0.0
     net.train()
     run_loss = 0.0
     for step in range(cfg.steps):
         for gp in opt.param_groups:
             gp["lr"] = lr_at(step)
         idx = next(batches)
-        xb, tb = augment_batch(_to_float(X[idx]), [t[idx] for t in tg_all], gen, cfg.aug_strength,
-                               cfg.slice_jitter_p, cfg.affine_p, cfg.noise_p)
-        loss = _loss(net(xb[:, None].to(dev)), [t.to(dev) for t in tb], wa)
+        xb = _single_slice(_to_float(X[idx]), gen, cfg.single_slice_p)
+        xb, tb = augment_batch(xb, [t[idx] for t in tg_all], gen, cfg.aug_strength,
+                               cfg.slice_jitter_p, cfg.affine_p, cfg.noise_p, keep_empty)
+        logits = net(xb[:, None].to(dev))
+        tb = [t.to(dev) for t in tb]
+        loss = _loss(logits, tb, wa) + aux_term(logits, idx, wxa) + ord_term(logits, tb, wa)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -422,22 +570,26 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
 
     # ---- phase B: heads on the frozen backbone, fully class-balanced
     net.eval()
-    feats, ftg = [], []
+    feats, ftg, fidx = [], [], []
     with torch.inference_mode():
         for view in range(cfg.head_views):
             for start in range(0, n, 64):
                 idx = np.arange(start, min(start + 64, n))
                 xb = _to_float(X[idx])
                 tb = [t[idx] for t in tg_all]
-                if view > 0:
+                if view > 0:  # later views: also 1-slice copies, as in phase A
+                    xb = _single_slice(xb, gen, cfg.single_slice_p)
                     xb, tb = augment_batch(xb, tb, gen, 0.7 * cfg.aug_strength, cfg.slice_jitter_p,
-                                               cfg.affine_p, cfg.noise_p)
+                                           cfg.affine_p, cfg.noise_p, keep_empty)
                 feats.append(net.features(xb[:, None].to(dev)))
                 ftg.append([t.to(dev) for t in tb])
+                fidx.append(idx)
     F_all = torch.cat(feats)
     T_all = [torch.cat([b[k] for b in ftg]) for k in range(len(TASKS))]
+    I_all = np.concatenate(fidx)
     log(f"B features {tuple(F_all.shape)} {time.time() - t0:.0f} s")
     wb = [torch.from_numpy(w).to(dev) for w in class_weights(targets, cfg.balance_power_heads)]
+    wxb = None if aux is None else torch.from_numpy(aux_weights(np.asarray(aux, np.float32), cfg.balance_power_heads)).to(dev)
     for p in net.backbone_parameters():
         p.requires_grad_(False)
     head_params = [p for h in net.heads for p in h.parameters()]
@@ -455,7 +607,9 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
             sel = perm[b * cfg.head_batch:(b + 1) * cfg.head_batch]
             for gp in opt.param_groups:
                 gp["lr"] = cfg.head_lr * 0.5 * (1.0 + math.cos(math.pi * it / total))
-            loss = _loss(net.classify(F_all[sel]), [t[sel] for t in T_all], wb)
+            logits = net.classify(F_all[sel])
+            ts = [t[sel] for t in T_all]
+            loss = _loss(logits, ts, wb) + aux_term(logits, I_all[sel.cpu().numpy()], wxb) + ord_term(logits, ts, wb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1188,7 +1342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=["global", "quadrants", "hybrid"], default=None,
                    help="feature pooling of a new network (spinecohort.nets.grader_cpu; default: DEFAULT_ARCH's)")
     p.add_argument("--final", action="store_true", help="after CV, also train on all labelled discs -> OUT/grader.pt")
-    p.add_argument("--synthetic", action="store_true", help="reproduce the shipped synthetic default")
+    p.add_argument("--synthetic", action="store_true", help="reproduce the synthetic-only grader-cpu-v3 (--out models/grader-cpu-v3.pt)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="synthetic cohort cache (with --synthetic)")
     p.add_argument("--workers", type=int, default=1, help="processes generating synthetic scans")
     p.add_argument("--train-seeds", type=int, nargs=2, default=list(SYNTH_TRAIN_SEEDS), metavar=("START", "STOP"),
