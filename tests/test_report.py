@@ -196,8 +196,15 @@ def test_first_screen_names_each_models_training_data(tmp_path, png):
     from spinecohort.provenance import sha256_file
     from spinecohort.shipped import default_model
 
+    import json
+
+    from spinecohort.shipped import MODELS_DIR
+
     models = _shipped_models()
-    assert models["grader-cpu-v3"] == sha256_file(default_model("grader"))  # the record is these weights'
+    grader = default_model("grader").stem
+    assert models[grader] == sha256_file(default_model("grader"))  # the record is these weights'
+    # a run graded with the synthetic-only grader says so as loudly
+    models["grader-cpu-v3"] = json.loads((MODELS_DIR / "grader-cpu-v3.json").read_text())["sha256"]
     scans, discs, _ = _tables(n_subjects=4)
     scans["level_flags"] = [["no_sacrum_in_view", "low_confidence"], [], None, "", ""]
     out = render_report(tmp_path / "v.html", scans=scans, discs=discs, provenance={"models": models},
