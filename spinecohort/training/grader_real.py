@@ -294,13 +294,17 @@ class _Run:
     """Data and settings shared by the stages of one run (loaded lazily, cached under ``work``)."""
 
     def __init__(self, spider_dir, work, k=DEFAULT_K, seed=0, steps=DEFAULT_STEPS, init_3d=None, log=print,
-                 ordinal_weight=0.0, spider_share=0.0):
+                 ordinal_weight=0.0, spider_share=0.0, train_seed=None, lr_factor=1.0):
         from ..shipped import MODELS_DIR
 
         self.spider_dir, self.work = Path(spider_dir), Path(work)
         self.k, self.seed, self.steps, self.log = int(k), int(seed), int(steps), log
         self.init_3d = init_3d if init_3d is not None else str(MODELS_DIR / "grader-cpu-v3.pt")
         self.ordinal_weight, self.spider_share = float(ordinal_weight), float(spider_share)
+        # the training seed alone (batches, augmentation, init noise) may differ from the split seed:
+        # a second training seed on the same inner split measures how much a variant's gain is noise
+        self.train_seed = self.seed if train_seed is None else int(train_seed)
+        self.lr_factor = float(lr_factor)  # phase-A learning rate x this (1 = the recipe's 0.002)
         self.work.mkdir(parents=True, exist_ok=True)
         self._spider = self._phantoms = None
 
@@ -331,12 +335,13 @@ class _Run:
         X, keys, targets, aux, *_ = self.spider
         Xp, _, tp = self.phantoms
         Xa, ta, aa = _combine([(X[spider_rows], [t[spider_rows] for t in targets], aux[spider_rows]), (Xp, tp, None)])
-        cfg = slices_config(self.seed, self.steps, self.ordinal_weight, self.spider_share)
+        cfg = slices_config(self.train_seed, self.steps, self.ordinal_weight, self.spider_share)
+        cfg.lr *= self.lr_factor
         group = np.r_[np.ones(len(spider_rows), bool), np.zeros(len(Xp), bool)]  # SPIDER rows first
         self.log(f"{tag}: {len(spider_rows)} SPIDER IVVs ({keys.iloc[spider_rows]['subject_id'].nunique()} patients)"
                  f" + {len(Xp)} phantom IVVs, {cfg.steps} steps, ordinal weight {cfg.ordinal_weight},"
                  f" SPIDER batch share {cfg.group_share or 'uniform'}, init {self.init_3d}")
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.train_seed)
         t0 = time.time()
         net = fit(Xa, ta, cfg, init_state=initial_state(self.init_3d), finetune=False, log=self.log, aux=aa, group=group)
         return net, cfg, time.time() - t0
@@ -420,12 +425,12 @@ def stage_inner(run: _Run, outer_fold: int = 0, tta: int = 4) -> Path:
     preds = predictions_frame(keys.iloc[va].reset_index(drop=True), predict_probs(net, X[va], tta=tta))
     labels = run.spider[4]
     summary = agreement_summary(preds, labels[labels["subject_id"].isin(set(keys.iloc[va]["subject_id"]))], 0, run.seed)
-    res = {"steps": run.steps, "ordinal_weight": run.ordinal_weight, "spider_share": run.spider_share, "outer_fold": outer_fold, "n_train": int(len(tr)), "n_val": int(len(va)),
+    res = {"steps": run.steps, "train_seed": run.train_seed, "lr_factor": run.lr_factor, "ordinal_weight": run.ordinal_weight, "spider_share": run.spider_share, "outer_fold": outer_fold, "n_train": int(len(tr)), "n_val": int(len(va)),
            "train_seconds": round(seconds, 1),
            "tasks": {t: {"balanced_accuracy": r["balanced_accuracy"]["estimate"], "kappa": r["kappa"]["estimate"]}
                      for t, r in summary.items()}}
     res["mean_balanced_accuracy"] = float(np.mean([v["balanced_accuracy"] for v in res["tasks"].values()]))
-    variant = (f"_ord{run.ordinal_weight:g}" if run.ordinal_weight else "") + (f"_share{run.spider_share:g}" if run.spider_share else "")
+    variant = (f"_lr{run.lr_factor:g}" if run.lr_factor != 1 else "") + (f"_ord{run.ordinal_weight:g}" if run.ordinal_weight else "") + (f"_tseed{run.train_seed}" if run.train_seed != run.seed else "") + (f"_share{run.spider_share:g}" if run.spider_share else "")
     out = run.work / f"inner_f{outer_fold}_steps{run.steps}{variant}.json"
     out.write_text(json.dumps(res, indent=1))
     run.log(f"inner: {json.dumps(res)}")
@@ -575,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-3d", default=None, help="3-D grader to start from (default models/grader-cpu-v3.pt; 'scratch')")
     p.add_argument("--ordinal-weight", type=float, default=0.0, help="expected-grade L1 term on Pfirrmann (0 = off)")
     p.add_argument("--spider-share", type=float, default=0.0, help="SPIDER share of each phase-A batch (0 = uniform)")
+    p.add_argument("--train-seed", type=int, default=None, help="training seed (default --seed; splits keep --seed)")
+    p.add_argument("--lr-factor", type=float, default=1.0, help="phase-A learning rate x this")
     p.add_argument("--tta", type=int, default=4)
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
@@ -593,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     log = ProgressLog(args.log)
     run = _Run(args.spider, args.work, args.k, args.seed, args.steps, args.init_3d, log,
-               args.ordinal_weight, args.spider_share)
+               args.ordinal_weight, args.spider_share, args.train_seed, args.lr_factor)
     out = Path(args.out) if args.out else MODELS_DIR / "grader-cpu-v4.pt"
     if args.stage == "inner":
         stage_inner(run, 0, args.tta)
