@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from .detect import quad_centroid
+from .detect import polygon_area, quad_centroid
 
 __all__ = [
     "default_root",
@@ -271,13 +271,6 @@ def vertebrae_from_discs(discs: Iterable[Structure]) -> list[Structure]:
         out.append(Structure(-1, middle, "vertebra", centroid, polys,
                              {s: int(round(a)) for s, a in areas.items()}, tuple(polys), True))
     return out
-
-
-def polygon_area(poly: np.ndarray) -> float:
-    """Unsigned shoelace area of a polygon given as (n, 2) points."""
-    p = np.asarray(poly, dtype=np.float64)
-    x, y = p[:, 0], p[:, 1]
-    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
 
 
 # area centroid of a simple polygon: the detector's own function
