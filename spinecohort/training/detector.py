@@ -380,14 +380,14 @@ def sample_tile(scan: TrainScan, s: int, rng: np.random.Generator, size: int, mm
 # ---------------------------------------------------------------------------------------------
 def load_public_lumbar_scans(root=None, split: str = "train", log=print, neighbour_detector=None,
                              exclude_sources: Sequence[str] = ()) -> list[TrainScan]:
-    """The public-lumbar cases of ``split`` (``"all"``: both) as training scans, without the
+    """The public-lumbar cases of ``split`` as training scans, without the
     sources (sites) in ``exclude_sources``. With ``neighbour_detector`` (a Detector), S1 and the
     body above the annotated span are supervised where that detector finds them
     (:func:`spinecohort.publiclumbar.neighbour_bodies`) instead of being masked out."""
     from .. import publiclumbar as pl
 
     scans, n_neighbours = [], 0
-    for ref in pl.list_cases(root, split=None if split == "all" else split):
+    for ref in pl.list_cases(root, split=split):
         if ref.source in exclude_sources:
             continue
         case = pl.load_case(ref)
