@@ -9,8 +9,9 @@ the level labeller and the disc grader, so:
   narrows toward its lateral edges (it is drawn and recorded while ``|dx| < 0.9 W/2``);
   concave endplates and the anterior waist lie inside the polygon, corners are the tips
   of the rounded corners;
-* anatomy is level specific: sacrum (S1 plus fused S2-S5 segments curving posteriorly,
-  alae on parasagittal slices), large lumbar bodies, smaller thoracic bodies with rib heads,
+* anatomy is level specific: sacrum (one fused bone: S1 and the S2-S5 segments curving
+  posteriorly share marrow and an outer cortex, no disc below S1 except, in two thirds of
+  subjects, thin remnant lines at S1-S2 and often the junctions below; alae on parasagittal slices), large lumbar bodies, smaller thoracic bodies with rib heads,
   necks and transverse processes on parasagittal slices, small cervical bodies, C2 with the
   dens (fused to the body: no cortex between them), C1 arches, clivus and the posterior
   fossa; discs thin in the thoracic spine and wedge-shaped at L5-S1; the cord ends at
@@ -39,7 +40,8 @@ Truth lists the 24 levels S1 .. C2 only (the fused S2-S5 segments are drawn, not
 the C2 polygon is the body without the dens.  Vertebrae whose body is cut by the image
 border have ``partial=True`` (their polygons may leave the image); discs are listed for
 each pair of consecutive listed vertebrae and are ``partial`` when either is.
-Whole-spine series are rectangular (``cols`` about 0.55 * ``rows``) at 0.9-1.2 mm; the
+A lumbar series ends below the sacrum's top, or (30 %, tightly framed) anywhere between the
+lower part of L5 and just below S1.  Whole-spine series are rectangular (``cols`` about 0.55 * ``rows``) at 0.9-1.2 mm; the
 subject is scaled down when C2..S3 would not fit in ``rows * 1.2`` mm.
 
 Image formation: tissue maps painted per slice (soft tissue on a ~1.5-2 mm grid, spine on
@@ -706,6 +708,14 @@ class _Scene:
             tis["marrow"] = 0.34 + 0.002 * (age - 20)
         else:
             tis["marrow"] = 0.19 - 0.001 * (age - 20)
+        # Remnant disc lines between the fused sacral segments, which many adults keep (thickest
+        # at S1-S2): drawn from their own stream so that every other draw of a seed (and so the
+        # rest of the phantom) stays as it was.
+        sac = np.random.default_rng([int(self.seed), 1729])
+        kind = str(sac.choice(["none", "dark", "bright"], p=[0.35, 0.35, 0.3]))
+        self.sacral_remnants = None if kind == "none" else dict(
+            kind=kind, thick=float(sac.uniform(0.8, 2.0)), span=float(sac.uniform(0.4, 0.85)),
+            lower=int(sac.integers(0, 4)))  # how many junctions below S1-S2 show one too
 
     # ------------------------------------------------------------------ geometry
     def _geometry(self):
@@ -751,6 +761,13 @@ class _Scene:
             if self.fov == "lumbar":
                 ref = verts["L3"].pt(0, -verts["L3"].w / 2 - 8)
                 row0 = ref[0] - height * (0.49 + 0.05 * frac_v)
+                # some sites frame lumbar series tightly: the image ends inside L5, the L5-S1 disc
+                # or S1 (own stream: the other draws of the seed stay as they were)
+                tight = np.random.default_rng([int(self.seed), 1730])
+                if tight.random() < 0.3:
+                    l5, s1 = verts["L5"], verts["S1"]
+                    bottom = tight.uniform(l5.c[0] + 0.2 * l5.h, s1.c[0] + 0.5 * s1.h + 10.0 * self.scale)
+                    row0 = bottom - height
             else:
                 ref = verts["C4"].pt(0, -verts["C4"].w / 2 - 8)
                 tip = verts["C2"].pt(verts["C2"].h / 2 + 16 * self.scale, 0)[0]
@@ -1346,7 +1363,7 @@ class _Scene:
     def _bodies(self, cv, x, marrow):
         tis, sc = self.tis, self.scale
         for i, lvl in enumerate(_CHAIN):
-            if lvl not in self.near:
+            if lvl not in self.near or lvl in _SACRAL:  # S2-S5 are drawn with S1, as one bone
                 continue
             v = self.V[lvl]
             dx = x - v.xc
@@ -1355,9 +1372,10 @@ class _Scene:
                 self._ala(cv, dx, marrow)
             if C is None:
                 continue
-            up_d = disc_name(_CHAIN[i + 1], lvl) if i + 1 < len(_CHAIN) and lvl != "C2" and lvl not in _SACRAL else None
-            lo_d = disc_name(lvl, _CHAIN[i - 1]) if lvl not in _SACRAL and lvl != "S1" else None
-            got = cv.patch(C, 3.0 + 2 * cv.sp)
+            up_d = disc_name(_CHAIN[i + 1], lvl) if i + 1 < len(_CHAIN) and lvl != "C2" else None
+            lo_d = disc_name(lvl, _CHAIN[i - 1]) if lvl != "S1" else None
+            sacrum = self._sacral_pieces(x) if lvl == "S1" else []
+            got = cv.patch(np.concatenate([C] + [q for q, _ in sacrum]), 3.0 + 2 * cv.sp)
             if got is None:
                 continue
             sl, py, px = got
@@ -1392,6 +1410,9 @@ class _Scene:
                 qn = np.sqrt((along / aw) ** 2 + (inw / ad) ** 2)
                 notches.append((1.0 - qn) * min(aw, ad))
             sdf = _rounded_sdf(np.concatenate([E, np.stack(notches)]) if notches else E, 1.8 * sc if reg != "C" else 1.2 * sc)
+            for q, r in sacrum:  # union: one marrow space inside one outer cortex
+                qA, _, _, qN = _edges(q)
+                sdf = np.minimum(sdf, _rounded_sdf(_edge_dists(py, px, qA, qN), r))
             alpha = np.clip(0.5 - sdf / cv.sp, 0.0, 1.0)
             if not alpha.any():
                 continue
@@ -1433,9 +1454,54 @@ class _Scene:
                 q = np.hypot(py - c[0], px - c[1]) / (2.2 * sc)
                 bv = np.clip(1.2 - q, 0, 1)
                 val = val + (tis["fat"] * 0.7 - val) * bv
+            if sacrum and self.sacral_remnants:
+                val = self._sacral_remnants(val, inner, [C] + [q for q, _ in sacrum[1::2]], py, px, m)
             cv.blend(sl, alpha, val)
             if lvl == "C2":
                 self._dens(cv, v, dx, marrow)
+
+    def _sacral_pieces(self, x):
+        """(corners, corner radius) of S2..S5 and of the bridges that fuse each to the one above.
+
+        A real sacrum is one bone below the L5-S1 disc: the segments share marrow and only the
+        outer surface has a cortex, so S1 is the top of a long bone, not a body with another body
+        (and a disc) below it, which is what an L5 looks like.
+        """
+        sc, pieces = self.scale, []
+        upper = self.V["S1"]
+        Cu = upper.corners(x - upper.xc)
+        for lvl in ("S2", "S3", "S4", "S5"):
+            low = self.V[lvl]
+            Cl = low.corners(x - low.xc) if lvl in self.near else None
+            if Cu is None or Cl is None:
+                break
+            into = 3.0 * sc  # the bridge reaches into both segments, past their rounded corners
+            bridge = np.array([Cu[3] + upper.t * into, Cu[2] + upper.t * into,
+                               Cl[1] - low.t * into, Cl[0] - low.t * into])
+            pieces += [(bridge, 0.6 * sc), (Cl, 1.8 * sc)]
+            upper, Cu = low, Cl
+        return pieces
+
+    def _sacral_remnants(self, val, inner, segments, py, px, marrow):
+        """Thin lines of residual disc at the junctions of the fused segments (corners, S1 first),
+        inside the marrow: short of the outer cortex, thinner and shorter further down."""
+        r = self.sacral_remnants
+        tis = self.tis
+        target = (0.5 * tis["cortex"] + 0.5 * marrow) if r["kind"] == "dark" else (0.5 * tis["nucleus"] + 0.5 * marrow)
+        for k, (upper, lower) in enumerate(zip(segments[:-1], segments[1:])):
+            if k > r["lower"]:
+                break
+            shrink = 0.8 ** k
+            centre = (upper[2] + upper[3] + lower[0] + lower[1]) / 4.0
+            ap = (upper[3] - upper[2]) + (lower[0] - lower[1])
+            ap = ap / (np.hypot(*ap) + 1e-9)
+            along = (py - centre[0]) * ap[0] + (px - centre[1]) * ap[1]
+            across = -(py - centre[0]) * ap[1] + (px - centre[1]) * ap[0]
+            half_span = 0.5 * r["span"] * shrink * np.hypot(*(upper[3] - upper[2]))
+            band = np.clip(0.5 + (r["thick"] * shrink / 2 - np.abs(across)) / self.sp, 0, 1)
+            band = band * _smoothstep((half_span - np.abs(along)) / 1.5) * inner
+            val = val + (target - val) * band
+        return val
 
     def _ala(self, cv, dx, marrow):
         """Sacral ala / lateral sacral mass seen on parasagittal slices beyond the S1 body."""

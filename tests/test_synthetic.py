@@ -433,3 +433,26 @@ def test_simulated_intra_rater_kappa_band():
     # rare findings are missed more often than invented
     pos = truth["Spondylolisthesis"] == 1
     assert (r1.loc[pos, "Spondylolisthesis"] == 0).mean() > (r1.loc[~pos, "Spondylolisthesis"] == 1).mean()
+
+
+@pytest.mark.parametrize("seed,contrast", [(6, "T1"), (3, "T2")])
+def test_sacrum_is_one_fused_bone(seed, contrast):
+    # a real sacrum is one bone below the L5-S1 disc: walking down S1's axis past its inferior
+    # endplate stays in marrow, while the same walk below L5 crosses cortex and the disc
+    # (seeds 3 and 6 draw no remnant line and the whole sacral top in view)
+    from scipy.ndimage import map_coordinates
+
+    scan = generate_scan(seed, fov="lumbar", contrast=contrast, n_slices=3, rows=256)
+    img = scan.volume[scan.midline_slice].astype(float)
+    P = mid_polys(scan)
+
+    def lowest_relative_signal(level):
+        C = np.asarray(P[level], float)
+        top, bottom = (C[0] + C[1]) / 2, (C[2] + C[3]) / 2
+        centre, axis = (top + bottom) / 2, bottom - top
+        walk = centre[None] + np.linspace(0.0, 1.1, 60)[:, None] * axis[None]
+        core = centre[None] + np.linspace(-0.3, 0.3, 20)[:, None] * axis[None]
+        return map_coordinates(img, walk.T, order=1).min() / np.median(map_coordinates(img, core.T, order=1))
+
+    assert lowest_relative_signal("S1") > 0.8
+    assert lowest_relative_signal("L5") < 0.55
