@@ -44,6 +44,9 @@ from .tasks import LEVEL_INDEX
 __all__ = ["level_ordinal", "match_bodies", "gt_from_polys", "evaluate_scan", "evaluate_labelling", "main"]
 
 SEED_BASE = {"lumbar": 1_000_000, "whole": 2_000_000, "cervical": 3_000_000}
+#: posterior temperatures at which every scan's level_probability and level_confidence are also
+#: recorded, so that one labelling run can choose ``BeamConfig.posterior_temperature``
+CALIBRATION_TEMPERATURES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
 _EXTRA_ORDINAL = {"S2": -1.0, "L6": 0.5, "T13": 5.5, "C1": 24.0}
 
 
@@ -126,11 +129,11 @@ def evaluate_scan(volume, spacing, slice_spacing, gt: Sequence[GTBody], labeller
             verts = [{"polygons": g.polygons, "centroid": g.centroid} for g in gt]
             centres = np.array([g.centre_mm for g in gt]).reshape(-1, 2)
         t1 = time.perf_counter()
-        labels, summary = labeller.label_scan(volume, spacing, slice_spacing, verts)
+        labels, summary, maps = labeller.label_scan(volume, spacing, slice_spacing, verts, with_maps=True)
         t2 = time.perf_counter()
         match = match_bodies(gt, centres)
         det = cor = w1 = 0
-        detail, p_ok, p_bad = [], [], []
+        detail, p_ok, p_bad, calib_bodies = [], [], [], []
         for i in counted:
             j = match.get(i)
             pred = labels[j][0] if j is not None else None
@@ -142,6 +145,8 @@ def evaluate_scan(volume, spacing, slice_spacing, gt: Sequence[GTBody], labeller
             cor += bool(ok)
             w1 += bool(ok1)
             detail.append((gt[i].level, pred))
+            if j is not None and pred is not None:
+                calib_bodies.append((maps["rank_of"][j], pred == gt[i].level))
         # the lowest counted body (L5 in a lumbar field of view): the anchor every disc name hangs on
         bottom = max(counted, key=lambda i: gt[i].centre_mm[0]) if counted else None
         bottom_ok = None
@@ -151,9 +156,61 @@ def evaluate_scan(volume, spacing, slice_spacing, gt: Sequence[GTBody], labeller
         res[mode] = {"n": len(counted), "detected": det, "correct": cor, "within1": w1, "bottom_ok": bottom_ok,
                      "level_confidence": summary.confidence, "level_flags": summary.flags_text,
                      "n_detections": len(verts), "detect_s": t1 - t0, "label_s": t2 - t1,
-                     "p_correct": p_ok, "p_wrong": p_bad,
+                     "p_correct": p_ok, "p_wrong": p_bad, "calibration": _calibration_record(maps, calib_bodies),
                      "pairs": detail, "labels": [lab for lab, _ in labels]}
     return res
+
+
+def _calibration_record(maps: dict, bodies: Sequence[tuple[int, bool]]) -> dict[str, Any]:
+    """level_probability of the matched bodies and the scan's level_confidence at every
+    :data:`CALIBRATION_TEMPERATURES` (the decoding itself does not depend on the temperature)."""
+    from .label import level_summary, reported_probabilities
+
+    res = maps.get("beam")
+    if res is None or not bodies:
+        return {"correct": [], "p": [], "confidence": []}
+    group_of = {r: gi for gi, members in enumerate(maps["groups"]) for r in members}
+    ps, conf = [], []
+    for t in CALIBRATION_TEMPERATURES:
+        pg = reported_probabilities(res, maps["emissions"], t)
+        ps.append([pg[group_of[r]] for r, _ in bodies])
+        conf.append(level_summary(res, temperature=t).confidence)
+    return {"correct": [bool(ok) for _, ok in bodies], "p": ps, "confidence": conf}
+
+
+def calibration_table(scans: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per posterior temperature, over the bodies of ``scans`` (rows of :func:`evaluate_labelling`'s
+    ``scans``): log loss and expected calibration error of level_probability, and how many scans,
+    and wrong scans, level_confidence < 0.7 would flag."""
+    out = []
+    for k, t in enumerate(CALIBRATION_TEMPERATURES):
+        p, ok, low, low_wrong, n_wrong = [], [], 0, 0, 0
+        for r in scans:
+            c = r.get("calibration") or {}
+            if not c.get("correct"):
+                continue
+            p += c["p"][k]
+            ok += c["correct"]
+            wrong = not all(c["correct"])
+            n_wrong += wrong
+            flagged = c["confidence"][k] < 0.7
+            low += flagged
+            low_wrong += flagged and wrong
+        pa, oka = np.clip(np.array(p, float), 1e-4, 1 - 1e-4), np.array(ok, bool)
+        rel = reliability(pa[oka], pa[~oka])
+        nll = float(-np.mean(np.where(oka, np.log(pa), np.log(1 - pa)))) if len(pa) else float("nan")
+        out.append({"temperature": t, "bodies": len(pa), "log_loss": nll, "ece": rel["ece"],
+                    "scans": sum(1 for r in scans if (r.get("calibration") or {}).get("correct")),
+                    "low_confidence_scans": low, "wrong_scans": n_wrong, "wrong_scans_low_confidence": low_wrong})
+    return out
+
+
+def _public_split_of(name: str) -> str | None:
+    """'train' / 'val' of a public-lumbar case name (``vb3_08``), None if it has no number."""
+    from .publiclumbar import split_of
+
+    num = name.rsplit("_", 1)[-1]
+    return split_of(int(num)) if num.isdigit() else None
 
 
 def _public_lumbar_scans(root=None, split: str | None = "val", source: str | None = None
@@ -267,6 +324,7 @@ def evaluate_labelling(labeller, detector=None, *, public_root=None, n_lumbar: i
                 per.setdefault(f"{ds}/{mode}", []).append(row)
                 scans.append({"dataset": ds, "mode": mode, "scan": name,
                               **{k: v for k, v in row.items() if k not in ("pairs", "labels", "p_correct", "p_wrong")},
+                              "public_split": _public_split_of(name) if ds.startswith("public-lumbar") else None,
                               "errors": [f"{g}->{p}" for g, p in row["pairs"] if g != p]})
             if log:
                 log(f"{ds} {name}: " + ", ".join(f"{m} {row['correct']}/{row['n']}" for m, row in r.items()))
@@ -308,7 +366,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the full result (JSON) here")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--calibrate-from", nargs="+", default=None, metavar="JSON",
+                   help="instead of evaluating: from earlier --out results (e.g. the leave-one-site-out "
+                        "runs), print log loss / ECE / flagged scans per posterior temperature, on the "
+                        "public-lumbar TRAINING-split scans (used to choose it) and on the others")
     args = p.parse_args(argv)
+    if args.calibrate_from:
+        scans = [r for f in args.calibrate_from for r in json.loads(Path(f).read_text())["scans"]]
+        for part in ("train", "val"):
+            sel = [r for r in scans if r.get("public_split") == part]
+            rows = calibration_table(sel)
+            if not rows or not rows[0]["bodies"]:
+                continue
+            best = min(rows, key=lambda r: r["log_loss"])
+            print(f"public-lumbar {part} split: {rows[0]['scans']} scans, {rows[0]['bodies']} bodies, "
+                  f"{rows[0]['wrong_scans']} scans with a wrong level")
+            print(f"{'T':>5s} {'log loss':>9s} {'ECE':>6s} {'low-conf scans':>14s} {'of them wrong':>13s}")
+            for r in rows:
+                print(f"{r['temperature']:5.1f} {r['log_loss']:9.4f} {r['ece']:6.3f} {r['low_confidence_scans']:14d} "
+                      f"{r['wrong_scans_low_confidence']:13d}" + ("  <- lowest log loss" if r is best else ""))
+        return 0
     import torch
 
     from .label import Labeller

@@ -34,8 +34,10 @@ cols front -> back, slices in any lateral order), the stage names every body S1,
    detection on a few lateral slices, a sacral ala) are merged first (appearance weighted by
    their slice counts) and share one label.
 4. **Probabilities.** Each body's reported probability is the posterior marginal of its chosen
-   label under the beam (the final hypotheses' scores normalised as softmax(-cost), the weights of
-   the hypotheses giving the body that label summed), capped by the local evidence: the refined
+   label under the beam (the final hypotheses' scores normalised as softmax(-cost / T_post), the
+   weights of the hypotheses giving the body that label summed; ``posterior_temperature`` T_post
+   is fitted on leave-one-site-out labellings, because on an unseen site the errors are whole-scan
+   shifts the raw costs call near-impossible), capped by the local evidence: the refined
    map P' 's probability of that level at the body's height. A label the sequence forces against
    the body's own evidence therefore reports a low probability; a one-body scan reports its
    emission probability (low when appearance is ambiguous).
@@ -76,6 +78,8 @@ __all__ = [
     "extract_appearance_volume",
     "height_probability_map",
     "beam_search",
+    "hypothesis_weights",
+    "reported_probabilities",
     "gap_ratios",
     "duplicate_groups",
     "build_appearance_net",
@@ -166,6 +170,9 @@ class BeamConfig:
     # a scan is flagged counting_variant_suspected when a decoding with the transitional penalties
     # at this (lower) value has a variant, even though the chosen labelling has none
     variant_probe_penalty: float = 6.0
+    # hypothesis costs are divided by this before the softmax that gives level_probability and
+    # level_confidence (1 = the raw sequence posterior; > 1 spreads it over the alternatives)
+    posterior_temperature: float = 1.0
 
 
 # The label chain walked upwards by the beam: (name, emission column, penalty attribute or None).
@@ -405,6 +412,13 @@ def _cfg_key(cfg: BeamConfig) -> tuple:
     return tuple(getattr(cfg, f.name) for f in fields(BeamConfig))
 
 
+def hypothesis_weights(costs: Sequence[float] | np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Posterior weights of beam hypotheses from their costs (nats): softmax(-cost / temperature)."""
+    c = np.asarray(costs, dtype=np.float64)
+    w = np.exp(-(c - c.min()) / max(float(temperature), 1e-6))
+    return w / w.sum()
+
+
 def beam_search(emissions: np.ndarray, cfg: BeamConfig | None = None,
                 gaps: Sequence[float] | None = None) -> BeamResult:
     """Most probable valid label sequence for bodies ordered caudal first.
@@ -449,8 +463,7 @@ def beam_search(emissions: np.ndarray, cfg: BeamConfig | None = None,
         bi, b = np.divmod(idx, n_chain)
         costs, seqs = flat[idx], np.concatenate([seqs[bi], b[:, None]], axis=1)
     best = seqs[0]
-    w = np.exp(-(costs - costs.min()))
-    w /= w.sum()
+    w = hypothesis_weights(costs, cfg.posterior_temperature)
     names = np.asarray(_CHAIN_NAMES, dtype=object)
     labels, probs = [], []
     for i in range(n):
@@ -497,11 +510,47 @@ def _has_variant(names: Sequence[str | None]) -> bool:
     return any(a == "L2" and b == "T12" for a, b in zip(present, present[1:]))
 
 
+def reported_probabilities(result: BeamResult, emissions: np.ndarray, temperature: float | None = None
+                           ) -> list[float]:
+    """``level_probability`` per decoded body: the posterior marginal of its chosen label
+    (``result.probabilities``, or recomputed from the hypotheses at ``temperature``), capped by the
+    local evidence (the emission's probability of that level at the body's height)."""
+    marg = list(result.probabilities)
+    if temperature is not None and result.hypotheses:
+        w = hypothesis_weights([c for c, _ in result.hypotheses], temperature)
+        seqs = [sq for _, sq in result.hypotheses]
+        marg = [float(sum(wi for wi, sq in zip(w, seqs) if i < len(sq) and sq[i] == pos))
+                if pos >= 0 else float("nan") for i, pos in enumerate(result.positions)]
+    out = []
+    for i, lab in enumerate(result.labels):
+        if lab is None or i >= len(result.positions):
+            out.append(float("nan"))
+            continue
+        e = emissions[i]
+        out.append(min(marg[i], float(e[_CHAIN_COL[result.positions[i]]] / max(e.sum(), 1e-12))))
+    return out
+
+
+def hypotheses_agreeing(result: BeamResult) -> tuple[np.ndarray, np.ndarray]:
+    """Per final hypothesis: does it give every body the chosen label (sacral segments below S1,
+    which no disc is named after, excepted), and does it hold a transitional count."""
+    labels = list(result.labels)
+    sacral = {"S2", "S3", "S4", "S5"}
+    keep = [i for i, lab in enumerate(labels) if lab is not None and lab not in sacral]
+    agree, variant = [], []
+    for _, seq in result.hypotheses:
+        names = [_CHAIN_NAMES[p] for p in seq]
+        agree.append(all(i < len(names) and names[i] == labels[i] for i in keep))
+        variant.append(_has_variant(names))
+    return np.array(agree, dtype=bool), np.array(variant, dtype=bool)
+
+
 def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weight: float = 0.2,
-                  probe: BeamResult | None = None) -> LevelSummary:
+                  probe: BeamResult | None = None, temperature: float = 1.0) -> LevelSummary:
     """Doubt about one scan's labelling from its beam search (bodies caudal first).
 
-    ``confidence``: the summed posterior weight (softmax(-cost) over the final hypotheses) of the
+    ``confidence``: the summed posterior weight (:func:`hypothesis_weights` of the final hypotheses at
+    ``temperature``) of the
     hypotheses that give every body the chosen label, sacral segments below S1 (S2-S5, which no
     disc is named after) excepted. A flag is raised for a transitional count in the chosen labelling
     or in alternatives holding at least ``variant_weight`` of the posterior, or in ``probe`` (the
@@ -512,19 +561,9 @@ def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weigh
         return LevelSummary(float("nan"), ("no_vertebrae_detected",))
     confidence, variant_mass = 1.0, 0.0
     if result.hypotheses:
-        costs = np.array([c for c, _ in result.hypotheses])
-        w = np.exp(-(costs - costs.min()))
-        w /= w.sum()
-        sacral = {"S2", "S3", "S4", "S5"}
-        keep = [i for i, lab in enumerate(labels) if lab is not None and lab not in sacral]
-        agree = 0.0
-        for wi, (_, seq) in zip(w, result.hypotheses):
-            names = [_CHAIN_NAMES[p] for p in seq]
-            if all(i < len(names) and names[i] == labels[i] for i in keep):
-                agree += wi
-            if _has_variant(names):
-                variant_mass += wi
-        confidence = float(agree)
+        w = hypothesis_weights([c for c, _ in result.hypotheses], temperature)
+        agree, variant = hypotheses_agreeing(result)
+        confidence, variant_mass = float(w[agree].sum()), float(w[variant].sum())
     flags = []
     n_bodies = sum(lab is not None for lab in labels)
     if n_bodies < 3:
@@ -734,14 +773,12 @@ class Labeller:
         labels: list[str | None] = [None] * len(geoms)
         probs_out = [float("nan")] * len(geoms)
         pos = [-1] * len(geoms)
+        reported = reported_probabilities(res_g, em)
         for gi, members in enumerate(groups):
             lab = res_g.labels[gi]
             if lab is None:
                 continue
-            col = _CHAIN_COL[res_g.positions[gi]]
-            # reported probability: the sequence posterior marginal, capped by the local evidence
-            # (the refined map's probability of that level at the body's height)
-            p = min(res_g.probabilities[gi], float(em[gi, col] / max(em[gi].sum(), 1e-12)))
+            p = reported[gi]
             for m in members:
                 labels[m], probs_out[m], pos[m] = lab, p, res_g.positions[gi]
         res = BeamResult(labels, pos, probs_out, res_g.cost, res_g.hypotheses)
@@ -752,7 +789,9 @@ class Labeller:
             probe = beam_search(em, replace(self.beam, six_lumbar_penalty=p, t13_penalty=p, four_lumbar_penalty=p),
                                 gap_ratios(centres[lead]))
         return res, {"logits": logits, "groups": groups, "P": P, "P_refined": Pr, "emissions": em,
-                     "summary": level_summary(res_g, self.min_confidence, probe=probe)}
+                     "summary": level_summary(res_g, self.min_confidence, probe=probe,
+                                              temperature=self.beam.posterior_temperature),
+                     "beam": res_g, "lead": lead}
 
     def label(self, volume: np.ndarray, pixel_spacing_mm: tuple[float, float], slice_spacing_mm: float,
               vertebrae: Sequence[Mapping[str, Any]]) -> list[tuple[str | None, float]]:
@@ -761,9 +800,11 @@ class Labeller:
         return self.label_scan(volume, pixel_spacing_mm, slice_spacing_mm, vertebrae)[0]
 
     def label_scan(self, volume: np.ndarray, pixel_spacing_mm: tuple[float, float], slice_spacing_mm: float,
-                   vertebrae: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[str | None, float]], LevelSummary]:
+                   vertebrae: Sequence[Mapping[str, Any]], with_maps: bool = False):
         """(level, probability) per input body, in the input order, and the scan's
-        :class:`LevelSummary` (confidence and flags).
+        :class:`LevelSummary` (confidence and flags); with ``with_maps`` also the maps of
+        :meth:`label_geometries` plus ``input_index`` (the input index of each body it labelled,
+        caudal first) and ``rank_of`` (input index -> that position), for calibration.
 
         ``vertebrae``: dicts with ``polygons`` {slice: (4, 2) (row, col)} and ``centroid``
         (slice, row, col). A body without polygons is placed by its centroid (its appearance
@@ -782,7 +823,8 @@ class Labeller:
                 geoms.append(g)
                 idx.append(i)
         if not geoms:
-            return out, level_summary(BeamResult([], [], [], 0.0))
+            empty = level_summary(BeamResult([], [], [], 0.0))
+            return (out, empty, {"summary": empty, "input_index": [], "rank_of": {}}) if with_maps else (out, empty)
         order = sorted(range(len(geoms)), key=lambda k: (-geoms[k].centroid[1], geoms[k].centroid[2]))
         prev = torch.get_num_threads()
         if self.threads and self.device.type == "cpu" and self.threads != prev:
@@ -796,4 +838,8 @@ class Labeller:
             lab = res.labels[rank] if rank < len(res.labels) else None
             p = res.probabilities[rank] if rank < len(res.probabilities) else float("nan")
             out[idx[k]] = (lab, float(p) if lab is not None else float("nan"))
+        if with_maps:
+            maps["input_index"] = [idx[k] for k in order]
+            maps["rank_of"] = {idx[k]: rank for rank, k in enumerate(order)}
+            return out, maps["summary"], maps
         return out, maps["summary"]

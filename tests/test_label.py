@@ -15,6 +15,8 @@ from spinecohort.label import (
     BeamConfig,
     Labeller,
     beam_search,
+    hypothesis_weights,
+    reported_probabilities,
     extract_appearance_volume,
     gap_ratios,
     height_probability_map,
@@ -218,6 +220,23 @@ def test_level_summary_one_body_and_ambiguous_scans_are_flagged():
     empty = level_summary(beam_search(np.zeros((0, 24))))
     assert empty.flags == ("no_vertebrae_detected",) and math.isnan(empty.confidence)
     assert set(one.flags) <= set(LEVEL_FLAGS)
+
+
+def test_posterior_temperature_spreads_the_probability_over_a_shifted_count():
+    # a lumbar scan whose bottom body looks somewhat like S1 and somewhat like L5: the decoding
+    # is the same at any temperature; a higher one moves probability to the shifted count
+    levels = ["S1", "L5", "L4", "L3", "L2", "L1"]
+    E = 0.9 * emissions(levels) + 0.1 * emissions(["L5", "L4", "L3", "L2", "L1", "T12"])
+    gaps = gap_ratios(centres([38] * 5))
+    cool = beam_search(E, BeamConfig(), gaps)
+    warm = beam_search(E, BeamConfig(posterior_temperature=4.0), gaps)
+    assert cool.labels == warm.labels == levels
+    assert all(w < c for w, c in zip(warm.probabilities, cool.probabilities))
+    assert reported_probabilities(cool, E, 4.0) == pytest.approx(reported_probabilities(warm, E))
+    c1, c4 = level_summary(cool).confidence, level_summary(cool, temperature=4.0).confidence
+    assert c4 < c1 <= 1.0
+    assert hypothesis_weights([0.0, 1.0]) == pytest.approx([1 / (1 + math.exp(-1)), math.exp(-1) / (1 + math.exp(-1))])
+    assert hypothesis_weights([0.0, 1.0], 1e9) == pytest.approx([0.5, 0.5])
 
 
 def test_more_bodies_than_levels_does_not_crash():
