@@ -83,7 +83,7 @@ DEFAULT_CACHE = Path("/tmp/spinecohort-labeller-cache")
 #: (validation cases never looked at): transitional counts (L6, T13, four lumbar) at 6 nats and
 #: sacral segments at 1.5-2 nats let networks trained on phantoms shift a real spine by one at the
 #: sacrum (L5 -> S1, S1 -> S2) or insert a T13 (models/context-cpu-v2.md).
-SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 8.0}
+SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 8.0, "posterior_temperature": 1.0}
 DEFAULT_APPEARANCE = default_model_path("appearance")
 DEFAULT_CONTEXT = default_model_path("context")
 FOV_PROBS = (("lumbar", 0.40), ("whole", 0.35), ("cervical", 0.25))
@@ -647,13 +647,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="nats for a sixth lumbar vertebra, a T13 or four lumbar vertebrae (stored with the context net)")
     p.add_argument("--sacral-penalty", type=float, default=SHIPPED_BEAM["s2_penalty"],
                    help="nats for each detection labelled a sacral segment below S1 (S2-S5)")
+    p.add_argument("--posterior-temperature", type=float, default=SHIPPED_BEAM["posterior_temperature"],
+                   help="divides hypothesis costs for level_probability / level_confidence (choose it with "
+                        "spinecohort.evaluation_labelling --calibrate-from on leave-one-site-out runs)")
     p.add_argument("--real-sacrum-only", action="store_true",
                    help="learn S1's appearance from the real public-lumbar scans only (not the phantoms)")
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     beam = replace(BeamConfig(), six_lumbar_penalty=args.variant_penalty, t13_penalty=args.variant_penalty,
                    four_lumbar_penalty=args.variant_penalty, s2_penalty=args.sacral_penalty,
-                   sacral_penalty=args.sacral_penalty)
+                   sacral_penalty=args.sacral_penalty, posterior_temperature=args.posterior_temperature)
     if args.stage == "beam":
         from ..label import CONTEXT_FORMAT, _load_net
 
