@@ -44,10 +44,7 @@ from .tasks import LEVEL_INDEX
 __all__ = ["level_ordinal", "match_bodies", "gt_from_polys", "evaluate_scan", "evaluate_labelling", "main"]
 
 SEED_BASE = {"lumbar": 1_000_000, "whole": 2_000_000, "cervical": 3_000_000}
-#: posterior temperatures at which every scan's level_probability and level_confidence are also
-#: recorded, so that one labelling run can choose ``BeamConfig.posterior_temperature``
-CALIBRATION_TEMPERATURES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
-_EXTRA_ORDINAL = {"S2": -1.0, "L6": 0.5, "T13": 5.5, "C1": 24.0}
+
 
 
 def level_ordinal(name: str | None) -> float:
@@ -162,47 +159,26 @@ def evaluate_scan(volume, spacing, slice_spacing, gt: Sequence[GTBody], labeller
 
 
 def _calibration_record(maps: dict, bodies: Sequence[tuple[int, bool]]) -> dict[str, Any]:
-    """level_probability of the matched bodies and the scan's level_confidence at every
-    :data:`CALIBRATION_TEMPERATURES` (the decoding itself does not depend on the temperature)."""
-    from .label import level_summary, reported_probabilities
-
-    res = maps.get("beam")
-    if res is None or not bodies:
-        return {"correct": [], "p": [], "confidence": []}
+    """What :func:`spinecohort.label.fit_probability_calibration` learns from: the matched bodies'
+    raw probabilities and correctness, and whether the scan was flagged."""
+    if "raw_probabilities" not in maps or not bodies:
+        return {"correct": [], "raw": [], "flagged": False}
     group_of = {r: gi for gi, members in enumerate(maps["groups"]) for r in members}
-    ps, conf = [], []
-    for t in CALIBRATION_TEMPERATURES:
-        pg = reported_probabilities(res, maps["emissions"], t)
-        ps.append([pg[group_of[r]] for r, _ in bodies])
-        conf.append(level_summary(res, temperature=t).confidence)
-    return {"correct": [bool(ok) for _, ok in bodies], "p": ps, "confidence": conf}
+    return {"correct": [bool(ok) for _, ok in bodies],
+            "raw": [float(maps["raw_probabilities"][group_of[r]]) for r, _ in bodies],
+            "flagged": bool(maps["summary"].flags)}
 
 
-def calibration_table(scans: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per posterior temperature, over the bodies of ``scans`` (rows of :func:`evaluate_labelling`'s
-    ``scans``): log loss and expected calibration error of level_probability, and how many scans,
-    and wrong scans, level_confidence < 0.7 would flag."""
-    out = []
-    for k, t in enumerate(CALIBRATION_TEMPERATURES):
-        p, ok, low, low_wrong, n_wrong = [], [], 0, 0, 0
-        for r in scans:
-            c = r.get("calibration") or {}
-            if not c.get("correct"):
-                continue
-            p += c["p"][k]
-            ok += c["correct"]
-            wrong = not all(c["correct"])
-            n_wrong += wrong
-            flagged = c["confidence"][k] < 0.7
-            low += flagged
-            low_wrong += flagged and wrong
-        pa, oka = np.clip(np.array(p, float), 1e-4, 1 - 1e-4), np.array(ok, bool)
-        rel = reliability(pa[oka], pa[~oka])
-        nll = float(-np.mean(np.where(oka, np.log(pa), np.log(1 - pa)))) if len(pa) else float("nan")
-        out.append({"temperature": t, "bodies": len(pa), "log_loss": nll, "ece": rel["ece"],
-                    "scans": sum(1 for r in scans if (r.get("calibration") or {}).get("correct")),
-                    "low_confidence_scans": low, "wrong_scans": n_wrong, "wrong_scans_low_confidence": low_wrong})
-    return out
+def calibration_rows(scans: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(raw probability, scan flagged, correct) per labelled body of ``scans`` (rows of
+    :func:`evaluate_labelling`'s ``scans``)."""
+    raw, flagged, ok = [], [], []
+    for r in scans:
+        c = r.get("calibration") or {}
+        raw += c.get("raw", [])
+        ok += c.get("correct", [])
+        flagged += [bool(c.get("flagged"))] * len(c.get("raw", []))
+    return np.array(raw, float), np.array(flagged, bool), np.array(ok, bool)
 
 
 def _public_split_of(name: str) -> str | None:
@@ -367,24 +343,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the full result (JSON) here")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--calibrate-from", nargs="+", default=None, metavar="JSON",
-                   help="instead of evaluating: from earlier --out results (e.g. the leave-one-site-out "
-                        "runs), print log loss / ECE / flagged scans per posterior temperature, on the "
-                        "public-lumbar TRAINING-split scans (used to choose it) and on the others")
+                   help="instead of evaluating: from earlier --out results (the leave-one-site-out runs), "
+                        "fit BeamConfig.probability_calibration on the public-lumbar TRAINING-split scans "
+                        "and print reliability before / after on each split")
     args = p.parse_args(argv)
     if args.calibrate_from:
+        from .label import calibrated_probabilities, fit_probability_calibration
+
         scans = [r for f in args.calibrate_from for r in json.loads(Path(f).read_text())["scans"]]
-        for part in ("train", "val"):
-            sel = [r for r in scans if r.get("public_split") == part]
-            rows = calibration_table(sel)
-            if not rows or not rows[0]["bodies"]:
+        fit = calibration_rows([r for r in scans if r.get("public_split") == "train"])
+        if not len(fit[0]):
+            print("no public-lumbar training-split scans with calibration records in these files", file=sys.stderr)
+            return 1
+        coef = fit_probability_calibration(*fit)
+        print(f"probability_calibration (fitted on {len(fit[0])} training-split bodies): "
+              + " ".join(f"{c:.4f}" for c in coef))
+        for part in ("train", "val", None):
+            raw, flagged, ok = calibration_rows([r for r in scans if part is None or r.get("public_split") == part])
+            if not len(raw):
                 continue
-            best = min(rows, key=lambda r: r["log_loss"])
-            print(f"public-lumbar {part} split: {rows[0]['scans']} scans, {rows[0]['bodies']} bodies, "
-                  f"{rows[0]['wrong_scans']} scans with a wrong level")
-            print(f"{'T':>5s} {'log loss':>9s} {'ECE':>6s} {'low-conf scans':>14s} {'of them wrong':>13s}")
-            for r in rows:
-                print(f"{r['temperature']:5.1f} {r['log_loss']:9.4f} {r['ece']:6.3f} {r['low_confidence_scans']:14d} "
-                      f"{r['wrong_scans_low_confidence']:13d}" + ("  <- lowest log loss" if r is best else ""))
+            cal = np.concatenate([calibrated_probabilities([p], f, coef) for p, f in zip(raw, flagged)])
+            for name, p in (("raw", raw), ("calibrated", cal)):
+                rel = reliability(p[ok], p[~ok])
+                bins = "; ".join(f"{b['bin']}: n {b['n']}" + (f", mean {b['mean_p']:.2f}, right {b['accuracy']:.2f}"
+                                                             if b["n"] else "") for b in rel["bins"])
+                print(f"{part or 'all'} split, {len(raw)} bodies, {name}: ECE {rel['ece']:.3f} | {bins}")
         return 0
     import torch
 

@@ -33,14 +33,14 @@ cols front -> back, slices in any lateral order), the stage names every body S1,
    (centres closer than 0.4 x its height, or vertical extents overlapping by > 60 %: a second
    detection on a few lateral slices, a sacral ala) are merged first (appearance weighted by
    their slice counts) and share one label.
-4. **Probabilities.** Each body's reported probability is the posterior marginal of its chosen
-   label under the beam (the final hypotheses' scores normalised as softmax(-cost / T_post), the
-   weights of the hypotheses giving the body that label summed; ``posterior_temperature`` T_post
-   is fitted on leave-one-site-out labellings, because on an unseen site the errors are whole-scan
-   shifts the raw costs call near-impossible), capped by the local evidence: the refined
-   map P' 's probability of that level at the body's height. A label the sequence forces against
-   the body's own evidence therefore reports a low probability; a one-body scan reports its
-   emission probability (low when appearance is ambiguous).
+4. **Probabilities.** A body's raw probability is the posterior marginal of its chosen label
+   under the beam (the final hypotheses' scores normalised as softmax(-cost), the weights of the
+   hypotheses giving the body that label summed), capped by the local evidence: the refined map
+   P' 's probability of that level at the body's height. On a site the networks have not seen,
+   the errors are whole-scan shifts by one that the raw value calls near-certain, so the reported
+   ``level_probability`` is that raw value passed through a logistic map of (whether the scan is
+   flagged, logit of the raw value), ``BeamConfig.probability_calibration``, fitted (Platt
+   scaling) on leave-one-site-out labellings: a probability that holds on new sites.
 
 ``Labeller.load(appearance_path, context_path)`` reads the CPU checkpoints (``models/appearance-
 cpu-v2.pt``, ``models/context-cpu-v2.pt``); ``Labeller.official(appearance, context)`` wraps the
@@ -79,7 +79,9 @@ __all__ = [
     "height_probability_map",
     "beam_search",
     "hypothesis_weights",
-    "reported_probabilities",
+    "raw_probabilities",
+    "calibrated_probabilities",
+    "fit_probability_calibration",
     "gap_ratios",
     "duplicate_groups",
     "build_appearance_net",
@@ -170,9 +172,9 @@ class BeamConfig:
     # a scan is flagged counting_variant_suspected when a decoding with the transitional penalties
     # at this (lower) value has a variant, even though the chosen labelling has none
     variant_probe_penalty: float = 6.0
-    # hypothesis costs are divided by this before the softmax that gives level_probability and
-    # level_confidence (1 = the raw sequence posterior; > 1 spreads it over the alternatives)
-    posterior_temperature: float = 1.0
+    # level_probability = sigmoid(a + b * scan flagged + c * logit(raw probability)), (a, b, c)
+    # fitted on leave-one-site-out labellings; () reports the raw probability
+    probability_calibration: tuple[float, ...] = ()
 
 
 # The label chain walked upwards by the beam: (name, emission column, penalty attribute or None).
@@ -412,10 +414,10 @@ def _cfg_key(cfg: BeamConfig) -> tuple:
     return tuple(getattr(cfg, f.name) for f in fields(BeamConfig))
 
 
-def hypothesis_weights(costs: Sequence[float] | np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Posterior weights of beam hypotheses from their costs (nats): softmax(-cost / temperature)."""
+def hypothesis_weights(costs: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Posterior weights of beam hypotheses from their costs (nats): softmax(-cost)."""
     c = np.asarray(costs, dtype=np.float64)
-    w = np.exp(-(c - c.min()) / max(float(temperature), 1e-6))
+    w = np.exp(-(c - c.min()))
     return w / w.sum()
 
 
@@ -463,7 +465,7 @@ def beam_search(emissions: np.ndarray, cfg: BeamConfig | None = None,
         bi, b = np.divmod(idx, n_chain)
         costs, seqs = flat[idx], np.concatenate([seqs[bi], b[:, None]], axis=1)
     best = seqs[0]
-    w = hypothesis_weights(costs, cfg.posterior_temperature)
+    w = hypothesis_weights(costs)
     names = np.asarray(_CHAIN_NAMES, dtype=object)
     labels, probs = [], []
     for i in range(n):
@@ -483,6 +485,8 @@ LEVEL_FLAGS = {
     "no_vertebrae_detected": "nothing was detected, so nothing was labelled",
     "few_vertebrae": "fewer than 3 bodies: the sequence gives little context",
     "no_sacrum_in_view": "lumbar levels without S1: the counting anchor is missing",
+    "sacrum_cut_by_image_edge": "the image ends within one body height below the lowest body (S1 or "
+                                "lumbar): the sacrum that tells S1 from L5 is not in view",
     "counting_variant_suspected": "the decoding (or a close alternative) has L6, T13 or four lumbar vertebrae",
     "low_confidence": "the labelling's posterior probability is below the threshold",
 }
@@ -510,17 +514,10 @@ def _has_variant(names: Sequence[str | None]) -> bool:
     return any(a == "L2" and b == "T12" for a, b in zip(present, present[1:]))
 
 
-def reported_probabilities(result: BeamResult, emissions: np.ndarray, temperature: float | None = None
-                           ) -> list[float]:
-    """``level_probability`` per decoded body: the posterior marginal of its chosen label
-    (``result.probabilities``, or recomputed from the hypotheses at ``temperature``), capped by the
+def raw_probabilities(result: BeamResult, emissions: np.ndarray) -> list[float]:
+    """Raw probability per decoded body: the posterior marginal of its chosen label, capped by the
     local evidence (the emission's probability of that level at the body's height)."""
-    marg = list(result.probabilities)
-    if temperature is not None and result.hypotheses:
-        w = hypothesis_weights([c for c, _ in result.hypotheses], temperature)
-        seqs = [sq for _, sq in result.hypotheses]
-        marg = [float(sum(wi for wi, sq in zip(w, seqs) if i < len(sq) and sq[i] == pos))
-                if pos >= 0 else float("nan") for i, pos in enumerate(result.positions)]
+    marg = result.probabilities
     out = []
     for i, lab in enumerate(result.labels):
         if lab is None or i >= len(result.positions):
@@ -529,6 +526,41 @@ def reported_probabilities(result: BeamResult, emissions: np.ndarray, temperatur
         e = emissions[i]
         out.append(min(marg[i], float(e[_CHAIN_COL[result.positions[i]]] / max(e.sum(), 1e-12))))
     return out
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+def calibrated_probabilities(raw: Sequence[float], flagged: bool, coef: Sequence[float]) -> list[float]:
+    """``level_probability``: sigmoid(a + b * flagged + c * logit(raw)) with ``coef`` = (a, b, c)
+    (:attr:`BeamConfig.probability_calibration`); the raw values when ``coef`` is empty."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if not len(coef):
+        return [float(x) for x in raw]
+    a, b, c = (float(x) for x in coef)
+    z = a + b * float(flagged) + c * _logit(raw)
+    return [float(x) if np.isfinite(r) else float("nan") for x, r in zip(1 / (1 + np.exp(-z)), raw)]
+
+
+def fit_probability_calibration(raw: Sequence[float], flagged: Sequence[bool], correct: Sequence[bool],
+                                l2: float = 1.0, iterations: int = 50) -> tuple[float, float, float]:
+    """(a, b, c) of :func:`calibrated_probabilities` by L2-regularised logistic regression (Newton
+    steps; Platt scaling with the scan's flag as a second feature) on labelled bodies."""
+    X = np.column_stack([np.ones(len(raw)), np.asarray(flagged, float), _logit(raw)])
+    y = np.asarray(correct, float)
+    w = np.zeros(3)
+    reg = l2 * np.diag([0.01, 1.0, 1.0])  # the intercept barely shrunk (finite on separable data)
+    for _ in range(iterations):
+        p = 1 / (1 + np.exp(-X @ w))
+        grad = X.T @ (p - y) + reg @ w
+        hess = (X * (p * (1 - p))[:, None]).T @ X + reg + 1e-9 * np.eye(3)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return float(w[0]), float(w[1]), float(w[2])
 
 
 def hypotheses_agreeing(result: BeamResult) -> tuple[np.ndarray, np.ndarray]:
@@ -546,22 +578,23 @@ def hypotheses_agreeing(result: BeamResult) -> tuple[np.ndarray, np.ndarray]:
 
 
 def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weight: float = 0.2,
-                  probe: BeamResult | None = None, temperature: float = 1.0) -> LevelSummary:
+                  probe: BeamResult | None = None, room_below: float | None = None) -> LevelSummary:
     """Doubt about one scan's labelling from its beam search (bodies caudal first).
 
-    ``confidence``: the summed posterior weight (:func:`hypothesis_weights` of the final hypotheses at
-    ``temperature``) of the
-    hypotheses that give every body the chosen label, sacral segments below S1 (S2-S5, which no
-    disc is named after) excepted. A flag is raised for a transitional count in the chosen labelling
-    or in alternatives holding at least ``variant_weight`` of the posterior, or in ``probe`` (the
-    same bodies decoded with cheaper transitional states), for lumbar levels
-    without S1, for fewer than 3 bodies, and for ``confidence < min_confidence``."""
+    ``confidence``: the summed posterior weight (:func:`hypothesis_weights` of the final hypotheses)
+    of the hypotheses that give every body the chosen label, sacral segments below S1 (S2-S5, which
+    no disc is named after) excepted. A flag is raised for a transitional count in the chosen
+    labelling or in alternatives holding at least ``variant_weight`` of the posterior, or in
+    ``probe`` (the same bodies decoded with cheaper transitional states), for lumbar levels without
+    S1, for an image that ends less than one body height (``room_below``: image below the lowest
+    body, in its heights) under a lowest body called S1 or lumbar, for fewer than 3 bodies, and for
+    ``confidence < min_confidence``."""
     labels = list(result.labels)
     if not any(lab is not None for lab in labels):
         return LevelSummary(float("nan"), ("no_vertebrae_detected",))
     confidence, variant_mass = 1.0, 0.0
     if result.hypotheses:
-        w = hypothesis_weights([c for c, _ in result.hypotheses], temperature)
+        w = hypothesis_weights([c for c, _ in result.hypotheses])
         agree, variant = hypotheses_agreeing(result)
         confidence, variant_mass = float(w[agree].sum()), float(w[variant].sum())
     flags = []
@@ -570,6 +603,9 @@ def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weigh
         flags.append("few_vertebrae")
     if any(lab in _LUMBAR for lab in labels) and "S1" not in labels:
         flags.append("no_sacrum_in_view")
+    lowest = next((lab for lab in labels if lab is not None), None)
+    if room_below is not None and room_below < 1.0 and (lowest == "S1" or lowest in _LUMBAR):
+        flags.append("sacrum_cut_by_image_edge")
     if _has_variant(labels) or variant_mass >= variant_weight or (probe is not None and _has_variant(probe.labels)):
         flags.append("counting_variant_suspected")
     if confidence < min_confidence:
@@ -694,7 +730,7 @@ class Labeller:
              beam: BeamConfig | None = None) -> "Labeller":
         app, acfg, ameta = _load_net(appearance_path, APPEARANCE_FORMAT, AppearanceConfig, build_appearance_net)
         ctx, ccfg, cmeta = _load_net(context_path, CONTEXT_FORMAT, ContextConfig, build_context_net)
-        beam = beam or BeamConfig(**{k: v for k, v in cmeta.get("beam", {}).items()
+        beam = beam or BeamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cmeta.get("beam", {}).items()
                                      if k in {f.name for f in fields(BeamConfig)}})
         return cls(app, ctx, acfg, ccfg, beam, device, {"appearance": ameta, "context": cmeta})
 
@@ -770,28 +806,30 @@ class Labeller:
                 em = em * probs_g
                 em /= em.sum(axis=1, keepdims=True) + 1e-12
         res_g = beam_search(em, self.beam, gap_ratios(centres[lead]))
-        labels: list[str | None] = [None] * len(geoms)
-        probs_out = [float("nan")] * len(geoms)
-        pos = [-1] * len(geoms)
-        reported = reported_probabilities(res_g, em)
-        for gi, members in enumerate(groups):
-            lab = res_g.labels[gi]
-            if lab is None:
-                continue
-            p = reported[gi]
-            for m in members:
-                labels[m], probs_out[m], pos[m] = lab, p, res_g.positions[gi]
-        res = BeamResult(labels, pos, probs_out, res_g.cost, res_g.hypotheses)
         probe = None
         if self.beam.transitional and self.beam.variant_probe_penalty < min(
                 self.beam.six_lumbar_penalty, self.beam.t13_penalty, self.beam.four_lumbar_penalty):
             p = self.beam.variant_probe_penalty
             probe = beam_search(em, replace(self.beam, six_lumbar_penalty=p, t13_penalty=p, four_lumbar_penalty=p),
                                 gap_ratios(centres[lead]))
+        # image left below the lowest body, in its heights (a tight field of view hides the sacrum)
+        low = geoms[lead[0]]
+        room_below = (np.asarray(volume).shape[1] - 1 - low.rows[1]) / max(low.rows[1] - low.rows[0], 1.0)
+        summary = level_summary(res_g, self.min_confidence, probe=probe, room_below=room_below)
+        raw = raw_probabilities(res_g, em)
+        reported = calibrated_probabilities(raw, bool(summary.flags), self.beam.probability_calibration)
+        labels: list[str | None] = [None] * len(geoms)
+        probs_out = [float("nan")] * len(geoms)
+        pos = [-1] * len(geoms)
+        for gi, members in enumerate(groups):
+            lab = res_g.labels[gi]
+            if lab is None:
+                continue
+            for m in members:
+                labels[m], probs_out[m], pos[m] = lab, reported[gi], res_g.positions[gi]
+        res = BeamResult(labels, pos, probs_out, res_g.cost, res_g.hypotheses)
         return res, {"logits": logits, "groups": groups, "P": P, "P_refined": Pr, "emissions": em,
-                     "summary": level_summary(res_g, self.min_confidence, probe=probe,
-                                              temperature=self.beam.posterior_temperature),
-                     "beam": res_g, "lead": lead}
+                     "summary": summary, "beam": res_g, "raw_probabilities": raw, "lead": lead}
 
     def label(self, volume: np.ndarray, pixel_spacing_mm: tuple[float, float], slice_spacing_mm: float,
               vertebrae: Sequence[Mapping[str, Any]]) -> list[tuple[str | None, float]]:

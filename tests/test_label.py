@@ -15,8 +15,8 @@ from spinecohort.label import (
     BeamConfig,
     Labeller,
     beam_search,
-    hypothesis_weights,
-    reported_probabilities,
+    calibrated_probabilities,
+    fit_probability_calibration,
     extract_appearance_volume,
     gap_ratios,
     height_probability_map,
@@ -222,21 +222,30 @@ def test_level_summary_one_body_and_ambiguous_scans_are_flagged():
     assert set(one.flags) <= set(LEVEL_FLAGS)
 
 
-def test_posterior_temperature_spreads_the_probability_over_a_shifted_count():
-    # a lumbar scan whose bottom body looks somewhat like S1 and somewhat like L5: the decoding
-    # is the same at any temperature; a higher one moves probability to the shifted count
-    levels = ["S1", "L5", "L4", "L3", "L2", "L1"]
-    E = 0.9 * emissions(levels) + 0.1 * emissions(["L5", "L4", "L3", "L2", "L1", "T12"])
-    gaps = gap_ratios(centres([38] * 5))
-    cool = beam_search(E, BeamConfig(), gaps)
-    warm = beam_search(E, BeamConfig(posterior_temperature=4.0), gaps)
-    assert cool.labels == warm.labels == levels
-    assert all(w < c for w, c in zip(warm.probabilities, cool.probabilities))
-    assert reported_probabilities(cool, E, 4.0) == pytest.approx(reported_probabilities(warm, E))
-    c1, c4 = level_summary(cool).confidence, level_summary(cool, temperature=4.0).confidence
-    assert c4 < c1 <= 1.0
-    assert hypothesis_weights([0.0, 1.0]) == pytest.approx([1 / (1 + math.exp(-1)), math.exp(-1) / (1 + math.exp(-1))])
-    assert hypothesis_weights([0.0, 1.0], 1e9) == pytest.approx([0.5, 0.5])
+def test_probability_calibration_maps_raw_probabilities_and_is_fitted_from_bodies():
+    # Platt scaling with the scan's flag: flagged scans' bodies are right less often
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0.05, 0.999, 600)
+    flagged = rng.random(600) < 0.4
+    correct = rng.random(600) < np.where(flagged, 0.6, 0.97)
+    a, b, c = fit_probability_calibration(raw, flagged, correct)
+    assert b < -1.0 and abs(c) < 0.5  # the flag carries the information, the raw value none
+    p_flag = calibrated_probabilities([0.99], True, (a, b, c))[0]
+    p_clear = calibrated_probabilities([0.99], False, (a, b, c))[0]
+    assert 0.5 < p_flag < 0.7 < 0.93 < p_clear < 0.99
+    assert calibrated_probabilities([0.3, float("nan")], True, ()) [0] == 0.3
+    assert math.isnan(calibrated_probabilities([float("nan")], False, (a, b, c))[0])
+
+
+def test_sacrum_cut_by_image_edge_flag():
+    res = beam_search(emissions(["S1", "L5", "L4", "L3", "L2", "L1"]), gaps=gap_ratios(centres([38] * 5)))
+    assert "sacrum_cut_by_image_edge" in level_summary(res, room_below=0.4).flags
+    assert "sacrum_cut_by_image_edge" not in level_summary(res, room_below=2.5).flags
+    assert "sacrum_cut_by_image_edge" not in level_summary(res).flags
+    # a cervical field of view ending at T1 is not about the sacrum
+    neck = beam_search(emissions(["T1", "C7", "C6", "C5"]), gaps=gap_ratios(centres([20] * 3)))
+    assert "sacrum_cut_by_image_edge" not in level_summary(neck, room_below=0.2).flags
+    assert "sacrum_cut_by_image_edge" in LEVEL_FLAGS
 
 
 def test_more_bodies_than_levels_does_not_crash():

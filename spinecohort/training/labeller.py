@@ -19,12 +19,13 @@ Recipe (deterministic given ``--seed``):
    unannotated neighbours are supervised too), 4 volumes each. Cross-entropy with label smoothing 0.05, level-balanced sampling
    (1/sqrt(count)), AdamW (weight decay 1e-3), one-cycle schedule (max lr 3e-3), batch 32 with
    25 % public-lumbar (``--public-weight``); augmentation: lateral mirror, intensity
-   inversion (25 %), gamma, contrast/brightness, blur, noise, size-feature noise. ``--exclude-source``
+   inversion (25 %), gamma, contrast/brightness, blur, noise, size-feature noise and a shared
+   subject-size shift (log SD 0.1: real lower thoracic bodies are ~20 % larger than the phantoms'). ``--exclude-source``
    leaves a public-lumbar site out of every stage (leave-one-site-out evaluation).
 3. **Context** (``--stage context``): appearance probabilities of the HELD-OUT synthetic scans
    (``seed % 5 == 4``, never seen by the appearance net) form, per level, a pool of realistic
    (mis)classifications. A training map takes one scan's body geometry (any split; extents in mm
-   with +-1.5 mm jitter), a random crop of its height (sub-fields of view), gives every body
+   with +-1.5 mm jitter, all scaled by one subject-size factor), a random crop of its height (sub-fields of view), gives every body
    either its own held-out probabilities (held-out scans) or a pool draw of its level, sharpens or
    softens them (temperature x U(0.6, 1.6)), drops each body with p = 0.1 (its rows still
    supervised; S1 with p = 0.25, as detectors miss it on unfamiliar scanners), adds a
@@ -83,10 +84,12 @@ DEFAULT_CACHE = Path("/tmp/spinecohort-labeller-cache")
 #: (validation cases never looked at): transitional counts (L6, T13, four lumbar) at 6 nats and
 #: sacral segments at 1.5-2 nats let networks trained on phantoms shift a real spine by one at the
 #: sacrum (L5 -> S1, S1 -> S2) or insert a T13 (models/context-cpu-v2.md).
-SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 8.0, "posterior_temperature": 1.0}
+SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 8.0, "probability_calibration": ()}
 DEFAULT_APPEARANCE = default_model_path("appearance")
 DEFAULT_CONTEXT = default_model_path("context")
 FOV_PROBS = (("lumbar", 0.40), ("whole", 0.35), ("cervical", 0.25))
+#: SD of the per-sample log subject-size shift (appearance size features; context geometry)
+SIZE_SHIFT_SD = 0.1
 Q_OFFSET, Q_SCALE = 0.5, 100.0   # uint8 storage of normalised volumes: q = (x + 0.5) * 100
 
 
@@ -387,7 +390,10 @@ def train_appearance(syn: list[dict], public: list[dict], public_val: list[dict]
             i_p = rng.integers(0, len(pl), n_pub)
             xs.append(pc[i_p]); fs.append(pf[i_p]); ys.append(pl[i_p])
         x = augment_batch(_dequantize(np.concatenate(xs)), rng)
-        f = np.concatenate(fs) + rng.normal(0, 0.03, (len(x), 2)).astype(np.float32)
+        # + a shared subject-size shift: real spines are larger than the phantoms' and vary more
+        # (lower thoracic bodies by ~20 %), so absolute size must not name a level on its own
+        f = (np.concatenate(fs) + rng.normal(0, 0.03, (len(x), 2)) + rng.normal(0, SIZE_SHIFT_SD, (len(x), 1))
+             ).astype(np.float32)
         y = torch.from_numpy(np.concatenate(ys))
         logits = net(torch.from_numpy(x)[:, None], torch.from_numpy(f))
         loss = F.cross_entropy(logits, y, label_smoothing=0.05)
@@ -443,6 +449,9 @@ class ContextSampler:
         height = float(sc["height_mm"])
         if len(geo) == 0:
             return None
+        size = math.exp(rng.normal(0, SIZE_SHIFT_SD))  # subject size, as for the appearance net
+        geo = np.concatenate([geo[:, :1], geo[:, 1:5] * size, geo[:, 5:]], axis=1)
+        height *= size
         # random sub-field of view (crop of the height), keeping >= 1 body
         lo, hi = 0.0, height
         if rng.random() < 0.35 and len(geo) > 3:
@@ -647,16 +656,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="nats for a sixth lumbar vertebra, a T13 or four lumbar vertebrae (stored with the context net)")
     p.add_argument("--sacral-penalty", type=float, default=SHIPPED_BEAM["s2_penalty"],
                    help="nats for each detection labelled a sacral segment below S1 (S2-S5)")
-    p.add_argument("--posterior-temperature", type=float, default=SHIPPED_BEAM["posterior_temperature"],
-                   help="divides hypothesis costs for level_probability / level_confidence (choose it with "
-                        "spinecohort.evaluation_labelling --calibrate-from on leave-one-site-out runs)")
+    p.add_argument("--probability-calibration", type=float, nargs="*", default=SHIPPED_BEAM["probability_calibration"],
+                   metavar="COEF", help="a b c of level_probability = sigmoid(a + b flagged + c logit(raw)) (fit them "
+                                        "with spinecohort.evaluation_labelling --calibrate-from on leave-one-site-out runs)")
     p.add_argument("--real-sacrum-only", action="store_true",
                    help="learn S1's appearance from the real public-lumbar scans only (not the phantoms)")
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     beam = replace(BeamConfig(), six_lumbar_penalty=args.variant_penalty, t13_penalty=args.variant_penalty,
                    four_lumbar_penalty=args.variant_penalty, s2_penalty=args.sacral_penalty,
-                   sacral_penalty=args.sacral_penalty, posterior_temperature=args.posterior_temperature)
+                   sacral_penalty=args.sacral_penalty,
+                   probability_calibration=tuple(args.probability_calibration))
     if args.stage == "beam":
         from ..label import CONTEXT_FORMAT, _load_net
 
