@@ -350,7 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.calibrate_from:
         from .label import calibrated_probabilities, fit_probability_calibration
 
-        scans = [r for f in args.calibrate_from for r in json.loads(Path(f).read_text())["scans"]]
+        # the pipeline's own path (detector + labeller) is what level_probability must describe
+        scans = [r for f in args.calibrate_from for r in json.loads(Path(f).read_text())["scans"]
+                 if r.get("mode") == "end2end"]
         fit = calibration_rows([r for r in scans if r.get("public_split") == "train"])
         if not len(fit[0]):
             print("no public-lumbar training-split scans with calibration records in these files", file=sys.stderr)

@@ -43,7 +43,7 @@ cols front -> back, slices in any lateral order), the stage names every body S1,
    scaling) on leave-one-site-out labellings: a probability that holds on new sites.
 
 ``Labeller.load(appearance_path, context_path)`` reads the CPU checkpoints (``models/appearance-
-cpu-v2.pt``, ``models/context-cpu-v2.pt``); ``Labeller.official(appearance, context)`` wraps the
+cpu-v3.pt``, ``models/context-cpu-v3.pt``); ``Labeller.official(appearance, context)`` wraps the
 official AppearanceModel / ContextModel (:func:`spinecohort.nets.official.build_official`) with
 the official constants (224 x 224 x 16 crop, min/p95 normalisation, temperatures 10 / 10, context
 rows padded to a multiple of 256).
@@ -812,9 +812,10 @@ class Labeller:
             p = self.beam.variant_probe_penalty
             probe = beam_search(em, replace(self.beam, six_lumbar_penalty=p, t13_penalty=p, four_lumbar_penalty=p),
                                 gap_ratios(centres[lead]))
-        # image left below the lowest body, in its heights (a tight field of view hides the sacrum)
+        # image left below the lowest body's mid-slice inferior endplate, in its heights (a tight
+        # field of view hides the sacrum); not the all-slice box, which lateral slices inflate
         low = geoms[lead[0]]
-        room_below = (np.asarray(volume).shape[1] - 1 - low.rows[1]) / max(low.rows[1] - low.rows[0], 1.0)
+        room_below = (np.asarray(volume).shape[1] - 1 - low.bottom) / max(low.bottom - low.top, 1.0)
         summary = level_summary(res_g, self.min_confidence, probe=probe, room_below=room_below)
         raw = raw_probabilities(res_g, em)
         reported = calibrated_probabilities(raw, bool(summary.flags), self.beam.probability_calibration)

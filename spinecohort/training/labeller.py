@@ -35,8 +35,9 @@ Recipe (deterministic given ``--seed``):
    lumbar training geometry included, with its detector-derived S1 / T12); AdamW (lr 2e-3, one
    cycle), batch 12, 2000 steps.
 
-``--stage all`` (default) runs the three in order and writes ``models/appearance-cpu-v2.pt`` and
-``models/context-cpu-v2.pt`` (fp16 state dicts). Progress goes to ``--log``.
+``--stage all`` (default) runs the three in order and writes the appearance and context checkpoints
+(fp16 state dicts; the shipped pair is ``models/appearance-cpu-v3.pt``, ``models/context-cpu-v3.pt``).
+Progress goes to ``--log``.
 """
 from __future__ import annotations
 
@@ -83,8 +84,10 @@ DEFAULT_CACHE = Path("/tmp/spinecohort-labeller-cache")
 #: official family). Chosen on leave-one-site-out labellings of the public-lumbar TRAINING cases
 #: (validation cases never looked at): transitional counts (L6, T13, four lumbar) at 6 nats and
 #: sacral segments at 1.5-2 nats let networks trained on phantoms shift a real spine by one at the
-#: sacrum (L5 -> S1, S1 -> S2) or insert a T13 (models/context-cpu-v2.md).
-SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 8.0, "probability_calibration": ()}
+#: sacrum (L5 -> S1, S1 -> S2) or insert a T13 (git 3bc86db:models/context-cpu-v2.md); with v3's networks
+#: sacral segments at 10-16 nats scored alike, 12 taken (models/context-cpu-v3.md). The logistic
+#: map of level_probability was fitted the same way (``evaluation_labelling --calibrate-from``).
+SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 12.0, "probability_calibration": (2.2862, -0.8545, 0.0667)}
 DEFAULT_APPEARANCE = default_model_path("appearance")
 DEFAULT_CONTEXT = default_model_path("context")
 FOV_PROBS = (("lumbar", 0.40), ("whole", 0.35), ("cervical", 0.25))
