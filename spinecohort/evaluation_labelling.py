@@ -110,7 +110,7 @@ def evaluate_scan(volume, spacing, slice_spacing, gt: Sequence[GTBody], labeller
             centres = np.array([[d.centroid[1] * spacing[0], d.centroid[2] * spacing[1]] for d in dets]).reshape(-1, 2)
         elif mode == "perturbed":
             from .label import vertebra_geometry
-            from .training.labeller import jitter_polygons
+            from .geometry import jitter_polygons
 
             rng = np.random.default_rng([zlib.crc32(str(name).encode()), 5])
             verts, cl = [], []
