@@ -29,6 +29,7 @@ __all__ = [
     "public_lumbar_detection_cases",
     "synthetic_case",
     "synthetic_detection_cases",
+    "contains_centroid",
     "match_detections",
     "evaluate_detection",
     "detection_main",
@@ -142,7 +143,9 @@ def synthetic_detection_cases(n: int, seed: int = 0, fov: str | None = None,
     return cases
 
 
-def _contains(det, body: EvalBody) -> bool:
+def contains_centroid(det, body: EvalBody) -> bool:
+    """Whether the detection's polygon on the body's mid slice (or one slice away) contains the
+    body's centroid: SpineNet's criterion for a detection of that body."""
     from .detect import point_in_quad
 
     q = det.polygon_near(body.mid(), 1)
@@ -152,7 +155,7 @@ def _contains(det, body: EvalBody) -> bool:
 def _overlaps(det, body: EvalBody) -> bool:
     from .detect import polygon_iou
 
-    if _contains(det, body):
+    if contains_centroid(det, body):
         return True
     for s, q in body.polygons.items():
         if s in det.polygons and polygon_iou(det.polygons[s], q) > 0.0:
@@ -167,7 +170,7 @@ def match_detections(detections: Sequence, case: DetectionCase) -> dict[str, Any
     ss = case.slice_spacing_mm
     found, errors, errors_2d, missed = 0, [], [], []
     for b in case.bodies:
-        hits = [d for d in detections if _contains(d, b)]
+        hits = [d for d in detections if contains_centroid(d, b)]
         if len(hits) == 1:
             found += 1
             d = hits[0]
@@ -178,7 +181,7 @@ def match_detections(detections: Sequence, case: DetectionCase) -> dict[str, Any
             missed.append({"level": b.level, "centroid": [round(x, 1) for x in b.centroid], "hits": len(hits)})
     status = []
     for d in detections:
-        if any(_contains(d, b) for b in case.bodies):
+        if any(contains_centroid(d, b) for b in case.bodies):
             status.append("tp")
         elif any(_overlaps(d, b) for b in case.ignored):
             status.append("ignored")

@@ -54,13 +54,13 @@ def agreement(diffs: Sequence[float]) -> dict[str, float]:
 def measure_pairs(detections: Sequence, case, derived: Iterable[str] = ()) -> list[dict[str, Any]]:
     """One record per matched annotated body: the pipeline's and the reference's measures
     (end-to-end and same-slice), the slices used and the level."""
-    from .evaluation import _contains
+    from .evaluation import contains_centroid
 
     derived = set(derived)
     spacing = case.pixel_spacing_mm
     out = []
     for body in case.bodies:
-        hits = [d for d in detections if _contains(d, body)]
+        hits = [d for d in detections if contains_centroid(d, body)]
         if len(hits) != 1 or not body.polygons:
             continue
         det = hits[0]
