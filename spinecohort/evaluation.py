@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from .geometry import centroid_mid_slice, point_in_quad, polygon_iou, side_of_line
 from .shipped import default_model
 
 __all__ = [
@@ -50,10 +51,7 @@ class EvalBody:
     def mid(self) -> int:
         if self.mid_slice is not None:
             return int(self.mid_slice)
-        s = int(round(self.centroid[0]))
-        if self.polygons and s not in self.polygons:
-            s = min(self.polygons, key=lambda k: (abs(k - self.centroid[0]), k))
-        return s
+        return centroid_mid_slice(self.polygons, self.centroid[0])
 
 
 @dataclass
@@ -113,8 +111,6 @@ def synthetic_case(scan, name: str | None = None, count_below_s1: bool = False) 
     counted = None
     s1 = next((b for b in bodies if b.level == "S1" and b.polygons), None)
     if s1 is not None and not count_below_s1:
-        from .publiclumbar import side_of_line
-
         q = s1.polygons[s1.mid()]
         p0, p1 = q[3] + [2.0, 0.0], q[2] + [2.0, 0.0]  # S1's inferior edge, 2 px lower
 
@@ -146,15 +142,11 @@ def synthetic_detection_cases(n: int, seed: int = 0, fov: str | None = None,
 def contains_centroid(det, body: EvalBody) -> bool:
     """Whether the detection's polygon on the body's mid slice (or one slice away) contains the
     body's centroid: SpineNet's criterion for a detection of that body."""
-    from .detect import point_in_quad
-
     q = det.polygon_near(body.mid(), 1)
     return q is not None and point_in_quad(body.centroid[1:], q)
 
 
 def _overlaps(det, body: EvalBody) -> bool:
-    from .detect import polygon_iou
-
     if contains_centroid(det, body):
         return True
     for s, q in body.polygons.items():

@@ -29,7 +29,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .morphometry import body_measures, height_loss, mid_slice, to_mm
+from .geometry import mid_slice
+from .morphometry import body_measures, height_loss, to_mm
 from .shipped import default_model
 
 __all__ = ["agreement", "measure_pairs", "evaluate", "main"]
