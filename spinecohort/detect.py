@@ -47,7 +47,7 @@ from torch import nn
 
 # used here, and still importable from detect (its __all__) for existing callers
 from .geometry import is_valid_quad, point_in_quad, polygon_area, polygon_iou, quad_centroid
-from .nets.storage import storable_state_dict
+from .nets.storage import save_checkpoint_file, storable_state_dict
 
 __all__ = [
     "CORNER_NAMES",
@@ -204,11 +204,7 @@ def save_checkpoint(path: str | Path, net: nn.Module, config: DetectorConfig,
         # plain JSON types only, so weights_only loading accepts it
         "meta": json.loads(json.dumps(dict(meta or {}), default=str)),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    save_checkpoint_file(path, payload)
 
 
 # ---------------------------------------------------------------------------------------------

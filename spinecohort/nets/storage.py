@@ -1,8 +1,14 @@
-"""Weights as stored in the project's checkpoints."""
+"""Weights as stored in the project's checkpoints, and the one way a checkpoint file is written."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from ..provenance import atomic_output
 
 
 def storable_state_dict(net: nn.Module, half: bool = True) -> dict[str, torch.Tensor]:
@@ -15,3 +21,12 @@ def storable_state_dict(net: nn.Module, half: bool = True) -> dict[str, torch.Te
             value = value.half()
         state[key] = value.contiguous()
     return state
+
+
+def save_checkpoint_file(path: str | os.PathLike, payload: Any) -> Path:
+    """``torch.save(payload)`` to ``path`` atomically (a killed job never leaves a partial
+    checkpoint). Loaders read it with ``torch.load(weights_only=True)``, so ``payload`` holds
+    tensors and plain Python types only."""
+    with atomic_output(path) as handle:
+        torch.save(payload, handle)
+    return Path(path)
