@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,7 +47,7 @@ from torch import nn
 
 # used here, and still importable from detect (its __all__) for existing callers
 from .geometry import is_valid_quad, point_in_quad, polygon_area, polygon_iou, quad_centroid
-from .nets.storage import save_checkpoint_file, storable_state_dict
+from .nets.storage import StoredConfig, save_checkpoint_file, storable_state_dict
 
 __all__ = [
     "CORNER_NAMES",
@@ -91,7 +91,7 @@ FLIP_COLS_PERM = (1, 0, 3, 2)
 
 
 @dataclass
-class DetectorConfig:
+class DetectorConfig(StoredConfig):
     """Preprocessing, tiling and decoding constants; saved inside the checkpoint."""
 
     arch: str = "cpu-unet"                      # "cpu-unet" | "official"
@@ -134,14 +134,6 @@ class DetectorConfig:
         return cls(arch="official", mm_per_px=260.0 / 224.0, tile_mm=260.0, overlap=0.4,
                    max_single_mm=260.0, whole_threshold_mm=1e9, tile_margin=0.0, corner_threshold=0.6,
                    centroid_threshold=0.6, arrow_max_px=20.0, group_iou=0.2, batch_tiles=8)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DetectorConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
