@@ -117,8 +117,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .schemes import ReadingScheme, label_columns, parse_reading_schemes
-from .tasks import CCS_BINARY, TASKS, disc_levels
+from ..schemes import ReadingScheme, label_columns, parse_reading_schemes
+from ..tasks import CCS_BINARY, TASKS, disc_levels
 
 log = logging.getLogger(__name__)
 
@@ -914,7 +914,7 @@ def run_agreement(
     ids and config hash carry over) with ``created_by`` set to this command; ``n_bootstrap`` and
     ``seed`` are added as ``agreement_n_bootstrap`` / ``agreement_seed`` metadata keys.
     """
-    from .provenance import make_provenance, read_provenance, write_table
+    from ..provenance import make_provenance, read_provenance, write_table
 
     discs = _read_table(discs_path, "predictions")
     labels = _read_table(labels_path, "labels")
