@@ -15,7 +15,7 @@ for site in vb2 vb3 ivd; do
     --appearance-steps 3000 --context-steps 1500 --public-weight 0.35 --threads 1 --real-sacrum-only \
     --detector "$ITEMS_DETECTOR" --exclude-source "$site" \
     --appearance-out "$OUT/appearance-no-$site.pt" --context-out "$OUT/context-no-$site.pt" --log "$OUT/train-$site.log"
-  "$PY" -m spinecohort.evaluation_labelling --appearance "$OUT/appearance-no-$site.pt" \
+  "$PY" -m spinecohort.evaluation.labelling --appearance "$OUT/appearance-no-$site.pt" \
     --context "$OUT/context-no-$site.pt" --datasets "public-lumbar:$site" --public-split all \
     --modes end2end truth --quiet --out "$OUT/loso-$site.json"
 done

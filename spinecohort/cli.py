@@ -73,9 +73,9 @@ DELEGATED = {
     ("train", "detector"): "spinecohort.training.detector",
     ("train", "labeller"): "spinecohort.training.labeller",
     ("train", "grader"): "spinecohort.training.grader",
-    ("evaluate", "detection"): "spinecohort.evaluation",
-    ("evaluate", "labelling"): "spinecohort.evaluation_labelling",
-    ("evaluate", "morphometry"): "spinecohort.evaluation_morphometry",
+    ("evaluate", "detection"): "spinecohort.evaluation.detection",
+    ("evaluate", "labelling"): "spinecohort.evaluation.labelling",
+    ("evaluate", "morphometry"): "spinecohort.evaluation.morphometry",
 }
 
 

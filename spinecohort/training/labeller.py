@@ -245,7 +245,7 @@ def public_lumbar_detector_items(detector, split: str = "train", k_jitter: int =
     unannotated neighbours the detector finds right below / above the annotated span
     (:func:`spinecohort.publiclumbar.neighbour_bodies`: S1 below L5, T12 above L1, T10 above T11)
     are supervised with their level. Other detections are not used."""
-    from ..evaluation_labelling import gt_from_polys, match_bodies
+    from ..evaluation.labelling import gt_from_polys, match_bodies
     from ..publiclumbar import list_cases, load_case, neighbour_bodies
 
     cfg = cfg or AppearanceConfig()

@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .geometry import centroid_mid_slice, point_in_quad, polygon_iou, side_of_line
-from .shipped import default_model
+from ..geometry import centroid_mid_slice, point_in_quad, polygon_iou, side_of_line
+from ..shipped import default_model
 
 __all__ = [
     "EvalBody",
@@ -74,7 +74,7 @@ def public_lumbar_detection_cases(root=None, split: str = "val") -> list[Detecti
     """Public-lumbar cases of one split: vb3 (mask-derived bodies L1-L5) and ivd (bodies L2-L5
     between annotated discs). Detections above the top / below the bottom annotated body are not
     counted."""
-    from . import publiclumbar as pl
+    from .. import publiclumbar as pl
 
     cases = []
     for ref in pl.list_cases(root, split=split):
@@ -126,7 +126,7 @@ def synthetic_detection_cases(n: int, seed: int = 0, fov: str | None = None,
                               count_below_s1: bool = False) -> list[DetectionCase]:
     """``n`` held-out synthetic scans (seeds ``base_seed + 1000 * seed + i``, disjoint from the
     training seeds), cycling through fields of view and contrasts unless fixed."""
-    from . import synthetic
+    from .. import synthetic
 
     fovs = ("lumbar", "whole", "cervical")
     contrasts = ("T1", "T2", "STIR")
@@ -263,7 +263,7 @@ def detection_main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from .detect import Detector
+    from ..detect import Detector
 
     torch.set_num_threads(a.threads)
     model = a.model or str(default_model("detector"))
@@ -295,7 +295,7 @@ def detection_main(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m spinecohort.evaluation detection ...``"""
+    """``spinecohort evaluate detection ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "detection":
         return detection_main(argv[1:])
