@@ -69,7 +69,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -79,11 +78,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from . import ProgressLog
-from ..discs import IVV_SHAPE, extract_ivvs, save_ivvs, vertebrae_from_synthetic
-from ..nets.grader_cpu import DEFAULT_ARCH
-from ..shipped import default_model_path
-from ..tasks import DEFAULT_GRADED_DISCS, TASKS
+from .. import ProgressLog
+from ...discs import IVV_SHAPE, extract_ivvs, save_ivvs, vertebrae_from_synthetic
+from ...nets.grader_cpu import DEFAULT_ARCH
+from ...shipped import default_model_path
+from ...tasks import DEFAULT_GRADED_DISCS, TASKS
 
 __all__ = [
     "TrainConfig",
@@ -451,7 +450,7 @@ def predict_probs(net, X: np.ndarray, tta: int = 4, batch_size: int = 32, device
     (the network is moved to ``device``)."""
     import torch
 
-    from ..grade import Grader
+    from ...grade import Grader
 
     g = Grader(net, "cpu", device)
     out = [np.zeros((len(X), t.n_classes), np.float32) for t in TASKS]
@@ -498,7 +497,7 @@ def fit(X: np.ndarray, targets: Sequence[np.ndarray], config: TrainConfig | None
     CPU with the same seeded generators, so the sequence of batches does not depend on it."""
     import torch
 
-    from ..nets.grader_slices import build_grader_net
+    from ...nets.grader_slices import build_grader_net
 
     cfg = config or TrainConfig()
     torch.manual_seed(cfg.seed)
@@ -667,7 +666,7 @@ def cross_validate(ivv_table: pd.DataFrame | str | Path, labels: pd.DataFrame | 
     ``scan_id, subject_id, level, fold, <Task>, <Task>_probs`` (grades on the contract scale;
     IVVs without any label are still predicted), ``fold_models`` the k :class:`Grader` objects
     (on the CPU). Raises ``ValueError`` when fewer than ``k`` subjects have a labelled disc."""
-    from ..grade import Grader, grades_frame
+    from ...grade import Grader, grades_frame
 
     cfg = config or TrainConfig(seed=seed)
     init_state = _load_init(init_weights)
@@ -707,7 +706,7 @@ def _synthetic_fov(seed: int) -> str:
 
 def _one_synthetic(args: tuple[int, str, tuple[str, ...]]) -> list[dict]:
     seed, out_dir, levels = args
-    from ..synthetic import generate_scan
+    from ...synthetic import generate_scan
 
     scan_id = f"syn{seed:06d}"
     path = Path(out_dir) / "ivv" / f"{scan_id}.npz"
@@ -734,7 +733,7 @@ def build_synthetic_cohort(out_dir: str | Path, seeds: Sequence[int], reads_seed
     and R1-repeat, seeded ``reads_seed``) under ``out_dir``. Cached: the tables are reused when
     ``cohort.json`` matches the seeds, and each scan's IVVs and truth (``ivv/<scan_id>.npz`` /
     ``.json``) whenever present."""
-    from ..synthetic import simulate_reads
+    from ...synthetic import simulate_reads
 
     out_dir = Path(out_dir)
     done = out_dir / "ivv_table.csv"
@@ -777,7 +776,7 @@ def evaluate_against_readers(preds: pd.DataFrame, labels: pd.DataFrame, n_bootst
                              seed: int = 0, reader: str = "R1", repeat: str = "R1-repeat") -> pd.DataFrame:
     """Pooled balanced accuracy, model vs ``reader`` beside ``reader`` vs ``repeat``, per task
     (with :func:`spinecohort.stats.compute_agreement`; bootstrap percentile CIs)."""
-    from ..stats import compute_agreement
+    from ...stats import compute_agreement
 
     agr, _ = compute_agreement(preds, labels, n_bootstrap=n_bootstrap, seed=seed, by_level=False, by_site=False)
     agr = agr[(agr["level"] == "all") & (agr["site"] == "all") & (agr["metric"] == "balanced_accuracy")]
@@ -927,8 +926,8 @@ def train_synthetic(out: str | Path = DEFAULT_OUT, data_dir: str | Path = DEFAUL
     ``.eval.csv`` and ``.test_predictions.parquet``."""
     import torch
 
-    from ..grade import grades_frame, save_grader
-    from ..provenance import sha256_file
+    from ...grade import grades_frame, save_grader
+    from ...provenance import sha256_file
 
     cfg = config or TrainConfig()
     if set(range(*train_seeds)) & set(range(*test_seeds)):
@@ -1029,9 +1028,9 @@ def build_ivv_table(outdir: str | Path, manifest_file: str | Path, n_shards: int
     by the extract_discs stage; the other columns from the manifest and that stage's rows), in
     manifest order. ``missing``: ``scan_id, level, reason`` of labelled discs without an IVV (scan
     not in the manifest, scan failed, or the disc was not found or not labelled at that level)."""
-    from ..manifest import read_manifest
-    from ..pipeline import collect_rows
-    from ..stages import ivv_path
+    from ...manifest import read_manifest
+    from ...pipeline import collect_rows
+    from ...stages import ivv_path
 
     outdir = Path(outdir)
     manifest = read_manifest(manifest_file)
@@ -1068,7 +1067,7 @@ def build_ivv_table(outdir: str | Path, manifest_file: str | Path, n_shards: int
 
 def _training_provenance(config: Mapping[str, Any], models: Mapping[str, str] | None, created_by: str | None,
                          **extra: Any) -> dict[str, str]:
-    from ..provenance import make_provenance
+    from ...provenance import make_provenance
 
     prov = make_provenance(config, models, created_by)
     prov["grader_training"] = json.dumps(config["grader_training"], sort_keys=True)
@@ -1077,7 +1076,7 @@ def _training_provenance(config: Mapping[str, Any], models: Mapping[str, str] | 
 
 
 def _init_record(init: Path | None) -> dict[str, Any] | None:
-    from ..provenance import sha256_file
+    from ...provenance import sha256_file
 
     return None if init is None else {"id": init.stem, "path": str(init), "sha256": sha256_file(init)}
 
@@ -1088,7 +1087,7 @@ def write_ivv_table(outdir: str | Path, manifest_file: str | Path, n_shards: int
     """Rule ``grader_ivv_table``: :func:`build_ivv_table` -> ``out`` (Parquet); the labelled discs
     without an IVV are logged and written to ``missing_out`` (CSV; default ``missing_discs.csv``
     beside ``out``)."""
-    from ..provenance import atomic_write_bytes, make_provenance, write_table
+    from ...provenance import atomic_write_bytes, make_provenance, write_table
 
     table, missing = build_ivv_table(outdir, manifest_file, n_shards, labels, readers)
     out = Path(out)
@@ -1112,10 +1111,10 @@ def run_cv(config: Mapping[str, Any], ivv_table: str | Path, labels: str | Path,
     discs-table layout
     (``tables/discs.parquet`` columns, ``model_id`` = the fold model, plus ``fold``), ready for
     the agreement stage."""
-    from ..grade import save_grader
-    from ..pipeline import DISC_COLUMNS
-    from ..provenance import sha256_file, write_table
-    from ..stages import torch_device
+    from ...grade import save_grader
+    from ...pipeline import DISC_COLUMNS
+    from ...provenance import sha256_file, write_table
+    from ...stages import torch_device
 
     settings = config["grader_training"]
     device = torch_device(config)
@@ -1154,9 +1153,9 @@ def run_final(config: Mapping[str, Any], ivv_table: str | Path, labels: str | Pa
     checkpoint for :meth:`spinecohort.grade.Grader.load`."""
     import torch
 
-    from .. import __version__
-    from ..grade import save_grader
-    from ..stages import torch_device
+    from ... import __version__
+    from ...grade import save_grader
+    from ...stages import torch_device
 
     settings = config["grader_training"]
     device = torch_device(config)
@@ -1197,7 +1196,7 @@ def write_cv_model_card(config: Mapping[str, Any], weights: str | Path, ivv_tabl
     agreement where the labels have several readers."""
     import torch
 
-    from ..provenance import atomic_write_bytes, sha256_file
+    from ...provenance import atomic_write_bytes, sha256_file
 
     weights = Path(weights)
     payload = torch.load(weights, map_location="cpu", weights_only=True)
@@ -1375,8 +1374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.ivv_table or not args.labels:
         print("spinecohort train grader: --ivv-table and --labels are required (or --synthetic)", file=sys.stderr)
         return 2
-    from ..grade import save_grader
-    from ..stats import compute_agreement
+    from ...grade import save_grader
+    from ...stats import compute_agreement
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1399,15 +1398,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if len(sys.argv) >= 3 and sys.argv[1] in ("build-train", "build-test"):
-        which = sys.argv[1].split("-")[1]
-        lo, hi = SYNTH_TRAIN_SEEDS if which == "train" else SYNTH_TEST_SEEDS
-        t = time.time()
-        tab, _, _ = build_synthetic_cohort(Path(sys.argv[2]) / which, range(lo, hi), READS_SEED[which],
-                                           workers=int(sys.argv[3]) if len(sys.argv) > 3 else 1,
-                                           log=lambda m: print(m, flush=True))
-        print(json.dumps({"discs": len(tab), "seconds": round(time.time() - t, 1)}), flush=True)
-        sys.exit(0)
-    sys.exit(main())
