@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from spinecohort.detect import Detector
-from spinecohort.evaluation_labelling import gt_from_polys, match_bodies
+from spinecohort.evaluation.labelling import gt_from_polys, match_bodies
 from spinecohort.label import Labeller
 from spinecohort.shipped import default_model_path
 from spinecohort.synthetic import generate_scan

@@ -17,8 +17,8 @@ for site in vb2 vb3 ivd; do
     --appearance-steps 3000 --context-steps 1500 --public-weight 0.35 --threads 1 \
     --detector "$ITEMS_DETECTOR" --exclude-source "$site" \
     --appearance-out "$OUT/appearance-no-$site.pt" --context-out "$OUT/context-no-$site.pt" --log "$OUT/train-$site.log"
-  "$PY" -m spinecohort.evaluation_labelling --appearance "$OUT/appearance-no-$site.pt" \
+  "$PY" -m spinecohort.evaluation.labelling --appearance "$OUT/appearance-no-$site.pt" \
     --context "$OUT/context-no-$site.pt" --datasets "public-lumbar:$site" --public-split all \
     --modes end2end truth --quiet --out "$OUT/loso-$site.json"
 done
-"$PY" -m spinecohort.evaluation_labelling --calibrate-from "$OUT"/loso-vb2.json "$OUT"/loso-vb3.json "$OUT"/loso-ivd.json
+"$PY" -m spinecohort.evaluation.labelling --calibrate-from "$OUT"/loso-vb2.json "$OUT"/loso-vb3.json "$OUT"/loso-ivd.json

@@ -23,12 +23,21 @@ def _demo_cohort(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _agreement(args: argparse.Namespace, argv: list[str]) -> int:
-    from .stats import run_agreement
+    from .stats.cli import agreement_command
 
-    run_agreement(args.discs, args.labels, args.out, n_bootstrap=args.bootstrap, seed=args.seed,
-                  created_by=_created_by(argv))
-    print(f"wrote {args.out}")
-    return 0
+    return agreement_command(args, created_by=_created_by(argv))
+
+
+def add_agreement_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``agreement`` command's arguments (also :func:`spinecohort.stats.agreement_cli`'s)."""
+    parser.add_argument("discs", help="predictions table (Parquet, CSV or TSV) with scan_id, level, <task> columns")
+    parser.add_argument("labels", help="radiologist labels (CSV, TSV or Parquet): scan_id, level, <task columns>, "
+                                       "optional reader")
+    parser.add_argument("-o", "--out", required=True, help="agreement Parquet to write")
+    parser.add_argument("--confusion", default=None, help="confusion Parquet (default: beside OUT)")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (0: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
 
 
 def _predict(args: argparse.Namespace, argv: list[str]) -> int:
@@ -64,9 +73,9 @@ DELEGATED = {
     ("train", "detector"): "spinecohort.training.detector",
     ("train", "labeller"): "spinecohort.training.labeller",
     ("train", "grader"): "spinecohort.training.grader",
-    ("evaluate", "detection"): "spinecohort.evaluation",
-    ("evaluate", "labelling"): "spinecohort.evaluation_labelling",
-    ("evaluate", "morphometry"): "spinecohort.evaluation_morphometry",
+    ("evaluate", "detection"): "spinecohort.evaluation.detection",
+    ("evaluate", "labelling"): "spinecohort.evaluation.labelling",
+    ("evaluate", "morphometry"): "spinecohort.evaluation.morphometry",
 }
 
 
@@ -90,12 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo_cohort)
 
     agreement = sub.add_parser("agreement", help="agreement of predicted grades with radiologist labels")
-    agreement.add_argument("discs", help="predictions table (Parquet or CSV) with scan_id, level, <task> columns")
-    agreement.add_argument("labels", help="labels CSV: scan_id, level, <task columns>, optional reader")
-    agreement.add_argument("-o", "--out", required=True, help="agreement Parquet; confusion.parquet is written beside it")
-    agreement.add_argument("--bootstrap", type=int, default=2000)
-    agreement.add_argument("--seed", type=int, default=0)
-    agreement.set_defaults(handler=_agreement)
+    add_agreement_arguments(agreement).set_defaults(handler=_agreement)
 
     predict = sub.add_parser("predict", help="run every stage on one scan without Snakemake")
     predict.add_argument("path", help="DICOM folder, .zip or NIfTI file")

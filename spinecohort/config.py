@@ -11,6 +11,8 @@ import yaml
 
 from .schemes import DEFAULT_READING_SCHEMES, parse_reading_schemes
 
+# The defaults of config/config.yaml (what the Snakefile reads), for the entry points that run
+# without it; a test keeps the two equal.
 DEFAULTS: dict[str, Any] = {
     "manifest": None,
     "labels": None,

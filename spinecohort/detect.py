@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,7 +45,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from .nets.storage import storable_state_dict
+# used here, and still importable from detect (its __all__) for existing callers
+from .geometry import is_valid_quad, point_in_quad, polygon_area, polygon_iou, quad_centroid
+from .nets.storage import StoredConfig, save_checkpoint_file, storable_state_dict
 
 __all__ = [
     "CORNER_NAMES",
@@ -89,7 +91,7 @@ FLIP_COLS_PERM = (1, 0, 3, 2)
 
 
 @dataclass
-class DetectorConfig:
+class DetectorConfig(StoredConfig):
     """Preprocessing, tiling and decoding constants; saved inside the checkpoint."""
 
     arch: str = "cpu-unet"                      # "cpu-unet" | "official"
@@ -133,14 +135,6 @@ class DetectorConfig:
                    max_single_mm=260.0, whole_threshold_mm=1e9, tile_margin=0.0, corner_threshold=0.6,
                    centroid_threshold=0.6, arrow_max_px=20.0, group_iou=0.2, batch_tiles=8)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DetectorConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 @dataclass
 class DetectedVertebra:
@@ -174,110 +168,6 @@ class SliceQuad:
 
 
 # ---------------------------------------------------------------------------------------------
-# geometry
-# ---------------------------------------------------------------------------------------------
-def polygon_area(poly: np.ndarray) -> float:
-    p = np.asarray(poly, dtype=np.float64)
-    x, y = p[:, 0], p[:, 1]
-    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
-
-
-def _signed_area(p: np.ndarray) -> float:
-    x, y = p[:, 0], p[:, 1]
-    return float((np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
-
-
-def quad_centroid(poly: np.ndarray) -> np.ndarray:
-    """Area centroid of a polygon ((row, col)); the vertex mean when degenerate."""
-    p = np.asarray(poly, dtype=np.float64)
-    x, y = p[:, 0], p[:, 1]
-    xn, yn = np.roll(x, -1), np.roll(y, -1)
-    cross = x * yn - xn * y
-    a = cross.sum() / 2
-    if abs(a) < 1e-9:
-        return p.mean(axis=0)
-    return np.array([((x + xn) * cross).sum() / (6 * a), ((y + yn) * cross).sum() / (6 * a)])
-
-
-def is_valid_quad(quad: np.ndarray, min_area: float = 4.0) -> bool:
-    """Convex, non-degenerate, and in the expected turning direction (SA, SP, IP, IA)."""
-    q = np.asarray(quad, dtype=np.float64)
-    if not np.all(np.isfinite(q)):
-        return False
-    d = np.roll(q, -1, axis=0) - q
-    cross = d[:, 0] * np.roll(d, -1, axis=0)[:, 1] - d[:, 1] * np.roll(d, -1, axis=0)[:, 0]
-    # (row, col) with rows down, cols right: SA -> SP -> IP -> IA turns with cross < 0
-    return bool(np.all(cross < 0) and polygon_area(q) >= min_area)
-
-
-def point_in_quad(point: Sequence[float], quad: np.ndarray) -> bool:
-    """Whether a (row, col) point lies inside a convex polygon (either orientation)."""
-    q = np.asarray(quad, dtype=np.float64)
-    p = np.asarray(point, dtype=np.float64)
-    d = np.roll(q, -1, axis=0) - q
-    r = p - q
-    cross = d[:, 0] * r[:, 1] - d[:, 1] * r[:, 0]
-    return bool(np.all(cross <= 1e-9) or np.all(cross >= -1e-9))
-
-
-def _area2(pts: list[tuple[float, float]]) -> float:
-    """Twice the signed shoelace area of a polygon given as a list of (x, y) tuples."""
-    n = len(pts)
-    return sum(pts[i][0] * pts[(i + 1) % n][1] - pts[(i + 1) % n][0] * pts[i][1] for i in range(n))
-
-
-def _clip_convex(subject: list[tuple[float, float]], clip: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Sutherland-Hodgman: ``subject`` clipped by the convex polygon ``clip`` (both
-    counter-clockwise, lists of (x, y) tuples)."""
-    out = subject
-    n = len(clip)
-    for i in range(n):
-        if not out:
-            break
-        ax, ay = clip[i]
-        bx, by = clip[(i + 1) % n]
-        ex, ey = bx - ax, by - ay
-        inp, out = out, []
-        prev = inp[-1]
-        prev_in = ex * (prev[1] - ay) - ey * (prev[0] - ax) >= 0
-        for cur in inp:
-            cur_in = ex * (cur[1] - ay) - ey * (cur[0] - ax) >= 0
-            if cur_in != prev_in:
-                x1, y1, x2, y2 = prev[0], prev[1], cur[0], cur[1]
-                den = (x1 - x2) * (ay - by) - (y1 - y2) * (ax - bx)
-                if abs(den) < 1e-12:
-                    out.append(cur)
-                else:
-                    t = ((x1 - ax) * (ay - by) - (y1 - ay) * (ax - bx)) / den
-                    out.append((x1 + t * (x2 - x1), y1 + t * (y2 - y1)))
-            if cur_in:
-                out.append(cur)
-            prev, prev_in = cur, cur_in
-    return out
-
-
-def polygon_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two convex polygons given as (n, 2) points."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    # quick reject on bounding boxes
-    if (a[:, 0].max() < b[:, 0].min() or b[:, 0].max() < a[:, 0].min()
-            or a[:, 1].max() < b[:, 1].min() or b[:, 1].max() < a[:, 1].min()):
-        return 0.0
-    pa = [(float(x), float(y)) for x, y in a]
-    pb = [(float(x), float(y)) for x, y in b]
-    aa, ab = _area2(pa), _area2(pb)
-    if aa < 0:
-        pa, aa = pa[::-1], -aa
-    if ab < 0:
-        pb, ab = pb[::-1], -ab
-    inter = _clip_convex(pa, pb)
-    ia = abs(_area2(inter)) / 2 if len(inter) >= 3 else 0.0
-    union = aa / 2 + ab / 2 - ia
-    return float(ia / union) if union > 0 else 0.0
-
-
-# ---------------------------------------------------------------------------------------------
 # networks
 # ---------------------------------------------------------------------------------------------
 def build_network(config: DetectorConfig) -> nn.Module:
@@ -306,11 +196,7 @@ def save_checkpoint(path: str | Path, net: nn.Module, config: DetectorConfig,
         # plain JSON types only, so weights_only loading accepts it
         "meta": json.loads(json.dumps(dict(meta or {}), default=str)),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    save_checkpoint_file(path, payload)
 
 
 # ---------------------------------------------------------------------------------------------

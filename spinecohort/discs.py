@@ -38,6 +38,7 @@ import numpy as np
 from matplotlib.path import Path as _MplPath
 from scipy import ndimage
 
+from .provenance import atomic_output
 from .tasks import DEFAULT_GRADED_DISCS, LEVELS, disc_name
 
 __all__ = [
@@ -374,9 +375,8 @@ def save_ivvs(path: str | Path, ivvs: Sequence[IVV]) -> Path:
         "mid_slices": np.array([v.mid_slice for v in ivvs], np.int64),
         "pixel_spacing_mm": np.array([v.pixel_spacing_mm for v in ivvs], float).reshape(n, 2),
     }
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_output(path) as handle:
+        np.savez_compressed(handle, **arrays)
     return path
 
 

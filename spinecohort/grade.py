@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .discs import IVV_SHAPE
-from .nets.storage import storable_state_dict
+from .nets.storage import save_checkpoint_file, storable_state_dict
 from .tasks import TASK_BY_NAME, TASKS
 
 __all__ = [
@@ -95,12 +95,7 @@ def save_grader(path: str | Path, net: nn.Module, meta: Mapping[str, Any] | None
     arch = json.loads(json.dumps(dict(getattr(net, "arch", {}))))
     meta = json.loads(json.dumps(dict(meta or {}), default=str))
     payload = {"format": CHECKPOINT_FORMAT, "format_version": 1, "arch": arch, "state_dict": state, "meta": meta}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return save_checkpoint_file(path, payload)
 
 
 def _as_batch(ivvs: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:

@@ -61,6 +61,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .geometry import mid_slice, signed_area
 from .tasks import LEVEL_INDEX, TASK_NAMES
 
 SA, SP, IP, IA = 0, 1, 2, 3
@@ -117,9 +118,7 @@ def _dist(a: np.ndarray, b: np.ndarray) -> float:
 def handedness(quad: np.ndarray) -> float:
     """+1 for a body drawn in the standard orientation (rows down, cols anterior -> posterior),
     -1 when mirrored: the sign of SA -> SP -> IP -> IA's turning (negative signed area = +1)."""
-    r, c = quad[:, 0], quad[:, 1]
-    signed = float(np.dot(r, np.roll(c, -1)) - np.dot(c, np.roll(r, -1)))
-    return 1.0 if signed <= 0 else -1.0
+    return 1.0 if signed_area(quad) <= 0 else -1.0
 
 
 def lordotic_angle(upper_a: np.ndarray, upper_p: np.ndarray, lower_a: np.ndarray, lower_p: np.ndarray,
@@ -210,14 +209,6 @@ def polygons_of(polygons: Any) -> dict[int, np.ndarray]:
         if corners.size == 8 and np.all(np.isfinite(corners)):
             out[int(item["slice"])] = corners.reshape(4, 2)
     return out
-
-
-def mid_slice(polygons: Mapping[int, np.ndarray], centroid_slice: float) -> int | None:
-    """The body's mid-sagittal slice: its polygon slice nearest the centroid (ties: the lower)."""
-    if not polygons:
-        return None
-    c = float(centroid_slice) if np.isfinite(centroid_slice) else float(np.median(list(polygons)))
-    return min(polygons, key=lambda s: (abs(s - c), s))
 
 
 def scan_morphometry(vertebrae: Iterable[Mapping[str, Any]], pixel_spacing_mm: Sequence[float]) -> list[dict[str, Any]]:

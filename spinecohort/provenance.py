@@ -10,8 +10,9 @@ import json
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 
 import pandas as pd
 import pyarrow as pa
@@ -63,8 +64,12 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write through a temporary file and rename, so a killed job never leaves a partial file.
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file whose content becomes ``path`` when the block ends without an error: written
+    to a temporary file beside it and renamed, so a killed job never leaves a partial file.
+    (Writers that stream, such as ``torch.save`` of a large checkpoint, need not hold the whole
+    file in memory as :func:`atomic_write_bytes` does.)
 
     The file gets the mode ``open()`` would give it (0666 less the umask): mkstemp creates 0600,
     which would hide results from colleagues sharing a project folder."""
@@ -74,11 +79,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_output`)."""
+    with atomic_output(path) as handle:
+        handle.write(data)
 
 
 def typed_frame(df: pd.DataFrame, types: Mapping[str, pa.DataType]) -> tuple[pd.DataFrame, pa.Schema]:

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from .detect import polygon_area, quad_centroid
+from .geometry import centroid_mid_slice, polygon_area, quad_centroid, side_of_line
 
 __all__ = [
     "default_root",
@@ -91,10 +91,7 @@ class Structure:
     @property
     def mid_slice(self) -> int:
         """The slice nearest the 3-D centroid that has a polygon (else the rounded centroid)."""
-        s = int(round(self.centroid[0]))
-        if self.polygons and s not in self.polygons:
-            s = min(self.polygons, key=lambda k: (abs(k - self.centroid[0]), k))
-        return s
+        return centroid_mid_slice(self.polygons, self.centroid[0])
 
 
 @dataclass
@@ -377,16 +374,6 @@ def neighbour_bodies(case: PublicLumbarCase, detections, low: float = 0.6, high:
                              {k: int(round(polygon_area(q))) for k, q in polys.items()}, tuple(sorted(polys)), True))
         taken.add(j)
     return out
-
-
-def side_of_line(points: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
-    """Signed distance (px) of (row, col) points from the line p0 -> p1, positive on the
-    inferior side (larger rows) for a roughly anterior -> posterior line."""
-    d = np.asarray(p1, float) - np.asarray(p0, float)
-    n = np.array([d[1], -d[0]]) / (np.hypot(*d) + 1e-12)  # normal; for d ~ +cols, n ~ +rows
-    if n[0] < 0:
-        n = -n
-    return (np.asarray(points, float) - p0) @ n
 
 
 def outside_annotated(points: np.ndarray, lines) -> np.ndarray:

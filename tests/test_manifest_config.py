@@ -61,3 +61,17 @@ def test_config_defaults_and_validation(tmp_path):
     path.write_text("outdir: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(Exception, match="could not determine a constructor|ConstructorError"):
         load_config(path)  # safe loader: nothing in a config is executed
+
+
+def test_config_file_holds_the_defaults():
+    # config/config.yaml (read by the Snakefile) and config.DEFAULTS (the Python entry points'
+    # start) are two copies of the defaults: one file in the package for both would need the
+    # Snakefile to read it, so this keeps them from drifting apart instead.
+    from pathlib import Path
+
+    import yaml
+
+    from spinecohort.config import DEFAULTS
+
+    config_file = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
+    assert yaml.safe_load(config_file.read_text()) == DEFAULTS

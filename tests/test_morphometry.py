@@ -239,7 +239,7 @@ def test_report_sections_with_fracture_crop_and_change(tmp_path):
 def test_evaluation_pairs_and_bland_altman():
     from spinecohort.detect import DetectedVertebra
     from spinecohort.evaluation import DetectionCase, EvalBody
-    from spinecohort.evaluation_morphometry import agreement, measure_pairs
+    from spinecohort.evaluation.morphometry import agreement, measure_pairs
 
     stats = agreement([1.0, -1.0, 2.0, 2.0])
     assert stats["n"] == 4 and stats["mad"] == pytest.approx(1.5) and stats["bias"] == pytest.approx(1.0)
@@ -275,7 +275,7 @@ def test_shipped_detector_heights_against_expert_masks_on_one_validation_case():
     from spinecohort import publiclumbar as pl
     from spinecohort.detect import Detector
     from spinecohort.evaluation import DetectionCase, EvalBody
-    from spinecohort.evaluation_morphometry import QUANTITIES, agreement, measure_pairs
+    from spinecohort.evaluation.morphometry import QUANTITIES, agreement, measure_pairs
     from spinecohort.shipped import default_model
 
     real = pl.load_case(PUBLIC / "vb3_05.npz")

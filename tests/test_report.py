@@ -1,6 +1,7 @@
 """The validation report: self-contained, complete, robust to missing inputs, and it renders."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 import shutil
@@ -17,6 +18,8 @@ from spinecohort.tasks import CCS_BINARY, DEFAULT_GRADED_DISCS
 
 TASKS = ["Pfirrmann", "CentralCanalStenosis", "Herniation"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# CI (.ci/run) installs Chromium and sets this, so that the browser test cannot silently skip there.
+REQUIRE_CHROMIUM = os.environ.get("SPINECOHORT_REQUIRE_CHROMIUM") == "1"
 
 
 def _tables(n_subjects=30, seed=0):
@@ -158,17 +161,25 @@ def test_formatting_helpers():
     assert fmt_ci(0.1, 0.25) == "[0.100, 0.250]" and fmt_ci(float("nan"), 1) == ""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
+@pytest.mark.skipif(CHROMIUM is None and not REQUIRE_CHROMIUM, reason="chromium not installed")
 def test_report_renders_in_headless_chromium(report, tmp_path):
     import matplotlib.image as mpimg
 
-    path, _ = report
+    assert CHROMIUM, "SPINECOHORT_REQUIRE_CHROMIUM=1 but no chromium or chromium-browser on PATH"
+    path, html = report
+    assert path.name == "validation.html"
     shot = tmp_path / "shot.png"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
            "--no-first-run", "--disable-background-networking", "--disable-component-update",
            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-           f"--screenshot={shot}", "--window-size=1400,4000", path.resolve().as_uri()]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+           f"--screenshot={shot}", "--dump-dom", "--window-size=1400,4000", path.resolve().as_uri()]
+    run = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+    # the page the browser built: every section and every embedded image of the file
+    dom = run.stdout
+    for anchor in ("summary", "failures", "agreement", "per-level", "per-site", "confusion",
+                   "grades", "qc", "hotspots", "provenance"):
+        assert f'id="{anchor}"' in dom, anchor
+    assert dom.count("<img") == html.count("<img") > 0
     img = mpimg.imread(shot)
     assert img.shape[:2] == (4000, 1400)
     ink = (img[..., :3] < 0.9).any(axis=2)

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..provenance import sha256_file
 from .official import NETWORK_FACTS, OFFICIAL_NAMES, official_from_state_dict, official_template
+from .storage import save_checkpoint_file
 
 __all__ = [
     "CheckpointError",
@@ -311,8 +312,6 @@ def write_recipe_folder(directory: str | os.PathLike, names: Iterable[str] = OFF
         sub.mkdir(parents=True, exist_ok=True)
         path = sub / spec.official_file
         blob = {spec.state_dict_key: recipe_state_dict(name), **spec.extra}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        save_checkpoint_file(path, blob)
         out[name] = path
     return out

@@ -37,9 +37,9 @@ from ..detect import (
     FLIP_ROWS_PERM,
     DetectorConfig,
     build_network,
-    polygon_area,
     save_checkpoint,
 )
+from ..geometry import polygon_area
 from ..shipped import default_model_path
 
 __all__ = [

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ProgressLog
+from ..geometry import jitter_polygons
 from ..label import (
     AppearanceConfig,
     BeamConfig,
@@ -71,7 +72,6 @@ from ..tasks import LEVEL_INDEX, LEVELS
 
 __all__ = [
     "DEFAULT_CACHE",
-    "jitter_polygons",
     "prepare_synthetic",
     "public_lumbar_items",
     "train_appearance",
@@ -86,7 +86,7 @@ DEFAULT_CACHE = Path("/tmp/spinecohort-labeller-cache")
 #: sacral segments at 1.5-2 nats let networks trained on phantoms shift a real spine by one at the
 #: sacrum (L5 -> S1, S1 -> S2) or insert a T13 (git 3bc86db:models/context-cpu-v2.md); with v3's networks
 #: sacral segments at 10-16 nats scored alike, 12 taken (models/context-cpu-v3.md). The logistic
-#: map of level_probability was fitted the same way (``evaluation_labelling --calibrate-from``).
+#: map of level_probability was fitted the same way (``spinecohort.evaluation.labelling --calibrate-from``).
 SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 12.0, "probability_calibration": (2.2862, -0.8545, 0.0667)}
 DEFAULT_APPEARANCE = default_model_path("appearance")
 DEFAULT_CONTEXT = default_model_path("context")
@@ -117,38 +117,6 @@ def fov_for_seed(seed: int) -> str:
         if u < acc:
             return name
     return FOV_PROBS[-1][0]
-
-
-# ---------------------------------------------------------------------------------------------
-# detector-like jitter
-# ---------------------------------------------------------------------------------------------
-def jitter_polygons(polys: dict[int, np.ndarray], rng: np.random.Generator, strength: float = 1.0
-                    ) -> dict[int, np.ndarray]:
-    """Polygons perturbed like a detector's output: whole-body shift (~4 % of the box) and scale
-    (~4 %), per-corner noise (~2.5 %), and 0-2 lateral slices dropped per side (>= 2 kept)."""
-    ks = sorted(polys)
-    if not ks:
-        return {}
-    allp = np.concatenate([polys[k] for k in ks])
-    h = max(np.ptp(allp[:, 0]), 2.0)
-    w = max(np.ptp(allp[:, 1]), 2.0)
-    cen = allp.mean(0)
-    shift = rng.normal(0, 0.04 * strength, 2) * (h, w)
-    scale = 1.0 + rng.normal(0, 0.04 * strength, 2)
-    n = len(ks)
-    lo, hi = 0, n
-    if n > 2:
-        d_lo = int(rng.choice([0, 0, 1, 1, 2])) if strength > 0 else 0
-        d_hi = int(rng.choice([0, 0, 1, 1, 2])) if strength > 0 else 0
-        lo, hi = min(d_lo, (n - 2) // 2), max(n - d_hi, n - (n - 2) // 2)
-        if hi - lo < 2:
-            lo, hi = 0, n
-    out = {}
-    for k in ks[lo:hi]:
-        q = (polys[k] - cen) * scale + cen + shift
-        q = q + rng.normal(0, 0.025 * strength, (4, 2)) * (h, w)
-        out[k] = q
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +251,7 @@ def public_lumbar_detector_items(detector, split: str = "train", k_jitter: int =
     unannotated neighbours the detector finds right below / above the annotated span
     (:func:`spinecohort.publiclumbar.neighbour_bodies`: S1 below L5, T12 above L1, T10 above T11)
     are supervised with their level. Other detections are not used."""
-    from ..evaluation_labelling import gt_from_polys, match_bodies
+    from ..evaluation.labelling import gt_from_polys, match_bodies
     from ..publiclumbar import list_cases, load_case, neighbour_bodies
 
     cfg = cfg or AppearanceConfig()
@@ -661,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="nats for each detection labelled a sacral segment below S1 (S2-S5)")
     p.add_argument("--probability-calibration", type=float, nargs="*", default=SHIPPED_BEAM["probability_calibration"],
                    metavar="COEF", help="a b c of level_probability = sigmoid(a + b flagged + c logit(raw)) (fit them "
-                                        "with spinecohort.evaluation_labelling --calibrate-from on leave-one-site-out runs)")
+                                        "with spinecohort.evaluation.labelling --calibrate-from on leave-one-site-out runs)")
     p.add_argument("--real-sacrum-only", action="store_true",
                    help="learn S1's appearance from the real public-lumbar scans only (not the phantoms)")
     p.add_argument("--log", default=None)

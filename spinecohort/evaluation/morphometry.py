@@ -1,6 +1,6 @@
 """Accuracy of the morphometry: vertebral body heights and depth from the shipped detector's
 corners against the same quantities from a reference (``spinecohort evaluate morphometry`` or
-``python -m spinecohort.evaluation_morphometry``).
+``python -m spinecohort.evaluation.morphometry``).
 
 - Real scans: the public-lumbar validation cases (case number divisible by 5). Reference: the
   expert vertebral-body mask of each body, turned into corners by
@@ -29,8 +29,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .morphometry import body_measures, height_loss, mid_slice, to_mm
-from .shipped import default_model
+from ..geometry import mid_slice
+from ..morphometry import body_measures, height_loss, to_mm
+from ..shipped import default_model
 
 __all__ = ["agreement", "measure_pairs", "evaluate", "main"]
 
@@ -54,13 +55,13 @@ def agreement(diffs: Sequence[float]) -> dict[str, float]:
 def measure_pairs(detections: Sequence, case, derived: Iterable[str] = ()) -> list[dict[str, Any]]:
     """One record per matched annotated body: the pipeline's and the reference's measures
     (end-to-end and same-slice), the slices used and the level."""
-    from .evaluation import _contains
+    from .detection import contains_centroid
 
     derived = set(derived)
     spacing = case.pixel_spacing_mm
     out = []
     for body in case.bodies:
-        hits = [d for d in detections if _contains(d, body)]
+        hits = [d for d in detections if contains_centroid(d, body)]
         if len(hits) != 1 or not body.polygons:
             continue
         det = hits[0]
@@ -120,12 +121,12 @@ def evaluate(detector, *, public_root=None, split: str = "val", n_synthetic: int
              fov: str | None = "lumbar", batch: int = 2, log=None) -> dict[str, Any]:
     """Public-lumbar (``public_root``: None = the default folder, False = skip) and
     ``n_synthetic`` held-out phantoms; returns the summaries and every record."""
-    from .evaluation import public_lumbar_detection_cases, synthetic_detection_cases
+    from .detection import public_lumbar_detection_cases, synthetic_detection_cases
 
     result: dict[str, Any] = {}
     t0 = time.perf_counter()
     if public_root is not False:
-        from . import publiclumbar as pl
+        from .. import publiclumbar as pl
 
         cases = public_lumbar_detection_cases(public_root or None, split)
         derived = {}
@@ -188,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("nothing to evaluate: give --public-lumbar [DIR] and/or --synthetic N")
     import torch
 
-    from .detect import Detector
+    from ..detect import Detector
 
     torch.set_num_threads(a.threads)
     model = a.model or str(default_model("detector"))

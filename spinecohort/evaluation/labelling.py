@@ -38,8 +38,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .shipped import default_model_path
-from .tasks import LEVEL_INDEX
+from ..shipped import default_model_path
+from ..tasks import LEVEL_INDEX
 
 __all__ = ["level_ordinal", "match_bodies", "gt_from_polys", "evaluate_scan", "evaluate_labelling", "main"]
 
@@ -86,7 +86,7 @@ def match_bodies(gt: Sequence[GTBody], det_centres_mm: np.ndarray) -> dict[int, 
 
 
 def gt_from_polys(level, polygons, centroid, spacing, partial=False) -> GTBody:
-    from .label import vertebra_geometry
+    from ..label import vertebra_geometry
 
     g = vertebra_geometry(polygons, centroid)
     h = (g.bottom - g.top) * spacing[0]
@@ -109,8 +109,8 @@ def evaluate_scan(volume, spacing, slice_spacing, gt: Sequence[GTBody], labeller
             verts = [{"polygons": d.polygons, "centroid": d.centroid} for d in dets]
             centres = np.array([[d.centroid[1] * spacing[0], d.centroid[2] * spacing[1]] for d in dets]).reshape(-1, 2)
         elif mode == "perturbed":
-            from .label import vertebra_geometry
-            from .training.labeller import jitter_polygons
+            from ..label import vertebra_geometry
+            from ..geometry import jitter_polygons
 
             rng = np.random.default_rng([zlib.crc32(str(name).encode()), 5])
             verts, cl = [], []
@@ -191,7 +191,7 @@ def _public_split_of(name: str) -> str | None:
 
 def _public_lumbar_scans(root=None, split: str | None = "val", source: str | None = None
                         ) -> Iterable[tuple[str, Any, tuple, float, list[GTBody]]]:
-    from .publiclumbar import list_cases, load_case
+    from ..publiclumbar import list_cases, load_case
 
     for ref in list_cases(root, split=split, source=source):
         case = load_case(ref)
@@ -202,7 +202,7 @@ def _public_lumbar_scans(root=None, split: str | None = "val", source: str | Non
 
 
 def _synthetic_scans(fov: str, n: int, seed_base: int | None = None):
-    from .synthetic import generate_scan
+    from ..synthetic import generate_scan
 
     base = SEED_BASE[fov] if seed_base is None else seed_base
     for k in range(n):
@@ -275,7 +275,7 @@ def evaluate_labelling(labeller, detector=None, *, public_root=None, n_lumbar: i
     for ds in datasets:
         if ds == "public-lumbar" or ds.startswith("public-lumbar:"):
             try:
-                from .publiclumbar import list_cases
+                from ..publiclumbar import list_cases
 
                 list_cases(public_root)
             except FileNotFoundError as e:
@@ -373,14 +373,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     import torch
 
-    from .label import Labeller
+    from ..label import Labeller
 
     torch.set_num_threads(max(1, args.threads))
     labeller = Labeller.load(args.appearance, args.context)
     detector = None
     if "end2end" in args.modes:
         if Path(args.detector).exists():
-            from .detect import Detector
+            from ..detect import Detector
 
             detector = Detector.load(args.detector)
         else:

@@ -2,13 +2,16 @@
 
 Entry points
 ------------
-``compute_agreement(predictions, labels, ...) -> (agreement, confusion)``
+``compute_agreement(predictions, labels, ...) -> (agreement, confusion)`` (this module)
     The two contract tables as DataFrames.
-``run_agreement(discs_path, labels_path, out_path, ...)``
+``run_agreement(discs_path, labels_path, out_path, ...)`` (:mod:`spinecohort.stats.io`)
     Reads a predictions table (Parquet/CSV/TSV) and a labels table (CSV/TSV/Parquet) and writes
     ``agreement.parquet`` plus ``confusion.parquet`` beside it with :func:`provenance.write_table`.
-``agreement_cli(argv)``
-    ``DISCS LABELS -o OUT.parquet [--bootstrap N --seed S --confusion PATH]``.
+``spinecohort agreement DISCS LABELS -o OUT.parquet [--bootstrap N --seed S --confusion PATH]``
+    The command (:mod:`spinecohort.stats.cli`; ``agreement_cli(argv)`` runs it from Python).
+
+The metrics are computed in :mod:`spinecohort.stats.metrics`, the resamples in
+:mod:`spinecohort.stats.bootstrap`.
 
 Comparisons
 -----------
@@ -105,20 +108,29 @@ than 10 % of resamples (otherwise the percentiles use the resamples where it is 
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-import zlib
 from dataclasses import dataclass
 from itertools import combinations
-from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .schemes import ReadingScheme, label_columns, parse_reading_schemes
-from .tasks import CCS_BINARY, TASKS, disc_levels
+from ..schemes import ReadingScheme, label_columns, parse_reading_schemes
+from ..tasks import CCS_BINARY, TASKS, disc_levels
+from .bootstrap import percentile_cis, resample_weights, stratum_rng
+from .metrics import (
+    CI_LEVEL,
+    METRICS_ALL,
+    METRICS_BINARY,
+    METRICS_ORDINAL,
+    MIN_DISCS_ANALYTIC,
+    ccc_fisher_z_ci,
+    confusion_metrics,
+    kappa_se,
+    nan_reason,
+    z_quantile,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +140,6 @@ AGREEMENT_COLUMNS = (
 )
 CONFUSION_COLUMNS = ("comparison", "task", "level", "reader_grade", "model_grade", "count")
 
-METRICS_ALL = ("balanced_accuracy", "accuracy", "cohen_kappa", "gwet_ac1")
-METRICS_BINARY = ("sensitivity", "specificity", "mcc", "prevalence_model", "prevalence_reader")
-METRICS_ORDINAL = ("kappa_linear", "kappa_quadratic", "lins_ccc", "within_one", "gwet_ac2")
 MISSING_METRIC = "n_missing_model"
 ANALYTIC_METHOD = {
     "cohen_kappa": "analytic_kappa_se",
@@ -143,12 +152,6 @@ NO_CI = "none"
 DEFAULT_READER = "R1"
 ALL = "all"
 MIN_SUBJECTS_CI = 10
-MIN_DISCS_ANALYTIC = 10
-MIN_DEFINED_FRACTION = 0.9
-CI_LEVEL = 0.95
-_Z975 = 1.959963984540054  # scipy.stats.norm.ppf(0.975)
-_EPS = 1e-12
-_BOOT_CHUNK_CELLS = 4_000_000  # resamples x subjects per chunk (bounds memory)
 
 
 # --------------------------------------------------------------------------- task specs
@@ -249,207 +252,10 @@ def _grade_codes(values: pd.Series, spec: _Spec) -> np.ndarray:
     return np.where(ok, pos, -1).astype(np.int64)
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def _weights(k: int, kind: str) -> np.ndarray:
-    """Agreement weights on a K-grade scale: identity, linear or quadratic (1 on the diagonal)."""
-    i = np.arange(k)
-    d = np.abs(i[:, None] - i[None, :]).astype(float)
-    if kind == "identity" or k == 1:
-        return (d == 0).astype(float)
-    if kind == "linear":
-        return 1.0 - d / (k - 1)
-    if kind == "quadratic":
-        return 1.0 - (d / (k - 1)) ** 2
-    raise ValueError(kind)
-
-
-def _safe_div(num, den):
-    den = np.asarray(den, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.asarray(num, dtype=float) / den
-    return np.where(np.abs(den) > _EPS, out, np.nan)
-
-
-def _kappa(p, pr, pc, w):
-    """Weighted kappa with agreement weights w (Cohen 1960; 1968)."""
-    po = np.einsum("...ij,ij->...", p, w)
-    pe = np.einsum("...i,ij,...j->...", pr, w, pc)
-    return _safe_div(po - pe, 1.0 - pe)
-
-
-def _gwet(p, pr, pc, w):
-    """Gwet's AC1 (identity weights) / AC2 (Gwet 2008; Gwet 2014, ch. 3)."""
-    q = w.shape[0]
-    pa = np.einsum("...ij,ij->...", p, w)
-    pi = 0.5 * (pr + pc)
-    pe = w.sum() / (q * (q - 1)) * np.sum(pi * (1.0 - pi), axis=-1)
-    return _safe_div(pa - pe, 1.0 - pe)
-
-
-def _ccc_moments(p, pr, pc, g):
-    """Means, 1/n variances and covariance of (reference, model) grade values."""
-    my = pr @ g
-    mx = pc @ g
-    vy = pr @ (g * g) - my * my
-    vx = pc @ (g * g) - mx * mx
-    sxy = np.einsum("...ij,i,j->...", p, g, g) - my * mx
-    # clip tiny negative variances from rounding
-    return mx, my, np.maximum(vx, 0.0), np.maximum(vy, 0.0), sxy
-
-
-def confusion_metrics(conf: np.ndarray, grades: Sequence[float], *, binary: bool | None = None,
-                      ordinal: bool = True) -> dict[str, np.ndarray]:
-    """Every metric from confusion matrices ``conf`` of shape (..., K, K).
-
-    ``conf[..., i, j]`` counts (or weights) discs with reference grade ``grades[i]`` and model
-    grade ``grades[j]``. Returns arrays of shape ``conf.shape[:-2]``; NaN where undefined.
-    Formulas and sources: see the module docstring.
-    """
-    c = np.asarray(conf, dtype=float)
-    k = c.shape[-1]
-    g = np.asarray(grades, dtype=float)
-    binary = (k == 2) if binary is None else binary
-    n = c.sum(axis=(-2, -1))
-    row = c.sum(axis=-1)
-    col = c.sum(axis=-2)
-    diag = np.diagonal(c, axis1=-2, axis2=-1)
-    nn = np.where(n > 0, n, np.nan)
-    p = c / nn[..., None, None]
-    pr = row / nn[..., None]
-    pc = col / nn[..., None]
-    out: dict[str, np.ndarray] = {}
-    out["accuracy"] = diag.sum(axis=-1) / nn
-    present = row > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        recall = np.where(present, diag / np.where(present, row, 1.0), 0.0)
-    out["balanced_accuracy"] = _safe_div(recall.sum(axis=-1), present.sum(axis=-1))
-    if binary:
-        # with one reference class the mean recall is just specificity (or sensitivity)
-        # passed off as a balanced figure: undefined instead
-        out["balanced_accuracy"] = np.where(present.all(axis=-1), out["balanced_accuracy"], np.nan)
-    eye = _weights(k, "identity")
-    out["cohen_kappa"] = _kappa(p, pr, pc, eye)
-    out["gwet_ac1"] = _gwet(p, pr, pc, eye) if k > 1 else np.full(n.shape, np.nan)
-    if binary:
-        tn, fp = c[..., 0, 0], c[..., 0, 1]
-        fn, tp = c[..., 1, 0], c[..., 1, 1]
-        out["sensitivity"] = _safe_div(tp, tp + fn)
-        out["specificity"] = _safe_div(tn, tn + fp)
-        den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-        out["mcc"] = _safe_div(tp * tn - fp * fn, den)
-        out["prevalence_model"] = (tp + fp) / nn
-        out["prevalence_reader"] = (tp + fn) / nn
-    if ordinal:
-        out["kappa_linear"] = _kappa(p, pr, pc, _weights(k, "linear"))
-        out["kappa_quadratic"] = _kappa(p, pr, pc, _weights(k, "quadratic"))
-        mx, my, vx, vy, sxy = _ccc_moments(p, pr, pc, g)
-        out["lins_ccc"] = _safe_div(2.0 * sxy, vx + vy + (mx - my) ** 2)
-        near = (np.abs(np.arange(k)[:, None] - np.arange(k)[None, :]) <= 1).astype(float)
-        out["within_one"] = np.einsum("...ij,ij->...", p, near)
-        out["gwet_ac2"] = _gwet(p, pr, pc, _weights(k, "quadratic"))
-    return out
-
-
-def kappa_se(conf: np.ndarray, weights: str = "identity") -> float:
-    """Large-sample SE of (weighted) kappa, Fleiss, Cohen & Everitt (1969), eq. for var(k_w).
-
-    var = [sum_ij p_ij (w_ij - (wbar_i. + wbar_.j)(1 - k))^2 - (k - p_e (1 - k))^2]
-          / (n (1 - p_e)^2),
-    wbar_i. = sum_j p_.j w_ij, wbar_.j = sum_i p_i. w_ij, w agreement weights.
-    """
-    c = np.asarray(conf, dtype=float)
-    n = c.sum()
-    if n <= 0:
-        return float("nan")
-    w = _weights(c.shape[0], weights)
-    p = c / n
-    pr, pc = p.sum(1), p.sum(0)
-    pe = float(pr @ w @ pc)
-    if 1.0 - pe <= _EPS:
-        return float("nan")
-    po = float((w * p).sum())
-    k = (po - pe) / (1.0 - pe)
-    wr = w @ pc  # wbar_i.
-    wc = pr @ w  # wbar_.j
-    term = (p * (w - (wr[:, None] + wc[None, :]) * (1.0 - k)) ** 2).sum()
-    var = (term - (k - pe * (1.0 - k)) ** 2) / (n * (1.0 - pe) ** 2)
-    return float(np.sqrt(var)) if var >= 0 else float("nan")
-
-
-def ccc_fisher_z_ci(conf: np.ndarray, grades: Sequence[float],
-                    level: float = CI_LEVEL) -> tuple[float, float, str | None]:
-    """Lin's (1989) interval for rho_c via Z = atanh(rho_c), with Lin's (2000) corrected variance.
-
-    var(Z) = 1/(n-2) [ (1-r^2) rc^2 / ((1-rc^2) r^2) + 2 rc^3 (1-rc) u^2 / (r (1-rc^2)^2)
-                       - rc^4 u^4 / (2 r^2 (1-rc^2)^2) ],  u = (m_x - m_y) / sqrt(s_x s_y),
-    r the Pearson correlation. Returns (low, high, reason-if-NaN).
-    """
-    c = np.asarray(conf, dtype=float)
-    n = c.sum()
-    if n < MIN_DISCS_ANALYTIC:
-        return np.nan, np.nan, f"analytic CI needs >= {MIN_DISCS_ANALYTIC} discs"
-    g = np.asarray(grades, dtype=float)
-    p = c / n
-    mx, my, vx, vy, sxy = (float(v) for v in _ccc_moments(p, p.sum(1), p.sum(0), g))
-    if vx <= _EPS or vy <= _EPS:
-        return np.nan, np.nan, "Fisher z CI undefined: a rater gave one grade only"
-    r = sxy / np.sqrt(vx * vy)
-    rc = 2.0 * sxy / (vx + vy + (mx - my) ** 2)
-    if abs(r) <= _EPS:
-        return np.nan, np.nan, "Fisher z CI undefined: Pearson r = 0"
-    if 1.0 - rc * rc <= _EPS:
-        return np.nan, np.nan, "Fisher z CI undefined: |CCC| = 1"
-    u = (mx - my) / np.sqrt(np.sqrt(vx * vy))
-    a = 1.0 - rc * rc
-    var_z = ((1 - r * r) * rc * rc / (a * r * r)
-             + 2 * rc ** 3 * (1 - rc) * u * u / (r * a * a)
-             - rc ** 4 * u ** 4 / (2 * r * r * a * a)) / (n - 2)
-    if not np.isfinite(var_z) or var_z < 0:
-        return np.nan, np.nan, "Fisher z CI undefined: negative variance estimate"
-    z = np.arctanh(rc)
-    zq = _z_quantile(level)
-    half = zq * np.sqrt(var_z)
-    return float(np.tanh(z - half)), float(np.tanh(z + half)), None
-
-
-def _z_quantile(level: float) -> float:
-    if abs(level - 0.95) < 1e-12:
-        return _Z975
-    from scipy.stats import norm
-
-    return float(norm.ppf(0.5 + level / 2))
-
-
-def _nan_reason(metric: str, conf: np.ndarray) -> str:
-    c = np.asarray(conf, dtype=float)
-    n = c.sum()
-    if n == 0:
-        return "no disc graded by both raters"
-    used_ref = int((c.sum(1) > 0).sum())
-    used_mod = int((c.sum(0) > 0).sum())
-    if metric in ("cohen_kappa", "kappa_linear", "kappa_quadratic"):
-        return "undefined: chance agreement p_e = 1 (both raters used one and the same grade)"
-    if metric == "sensitivity" or (metric == "balanced_accuracy" and c.shape[0] == 2 and c[1].sum() == 0):
-        return "undefined: no positive disc in the reference"
-    if metric == "balanced_accuracy" and c.shape[0] == 2 and c[0].sum() == 0:
-        return "undefined: no negative disc in the reference"
-    if metric == "specificity":
-        return "undefined: no negative disc in the reference"
-    if metric == "mcc":
-        return "undefined: a rater gave every disc the same grade"
-    if metric == "lins_ccc":
-        return "undefined: both raters gave every disc the same grade"
-    if metric == "gwet_ac1" and c.shape[0] < 2:
-        return "undefined: scale has one grade"
-    return f"undefined (reference used {used_ref} grade(s), model {used_mod})"
-
-
 # --------------------------------------------------------------------------- input shaping
 
 
-def _norm_level(values: pd.Series) -> pd.Series:
+def normalise_level(values: pd.Series) -> pd.Series:
     """``' l5/s1 '`` -> ``'L5-S1'`` (upper case, no blanks, ``/``, ``_`` and dashes as ``-``)."""
     uniq = pd.unique(values.astype(str))
     clean = (pd.Series(uniq, dtype=object).str.upper()
@@ -465,7 +271,7 @@ def _clean_keys(df: pd.DataFrame, what: str) -> pd.DataFrame:
     out = df.copy()
     out = out[out["scan_id"].notna() & out["level"].notna()]
     out["scan_id"] = out["scan_id"].astype(str).str.strip()
-    out["level"] = _norm_level(out["level"])
+    out["level"] = normalise_level(out["level"])
     out = out[(out["scan_id"] != "") & (out["level"] != "")]
     return out
 
@@ -505,48 +311,6 @@ def _codes_frame(df: pd.DataFrame, specs: list[_Spec], model: bool = False) -> d
     model's view, other tasks read the same column on both sides)."""
     return {s.name: _scheme_codes(df, s.scheme, model) if s.scheme is not None
             else _grade_codes(df[s.source], s) for s in specs}
-
-
-# --------------------------------------------------------------------------- bootstrap
-
-
-def _stratum_seed(seed: int, comparison: str, level: str, site: str) -> np.random.Generator:
-    key = zlib.crc32(f"{comparison}|{level}|{site}".encode())
-    return np.random.default_rng([int(seed), key])
-
-
-def _resample_weights(rng: np.random.Generator, n_subjects: int, n_boot: int):
-    """Yield (n_chunk, n_subjects) float arrays: how often each subject is drawn per resample."""
-    chunk = max(1, min(n_boot, _BOOT_CHUNK_CELLS // max(n_subjects, 1)))
-    done = 0
-    while done < n_boot:
-        b = min(chunk, n_boot - done)
-        idx = rng.integers(0, n_subjects, size=(b, n_subjects))
-        idx += (np.arange(b, dtype=np.int64) * n_subjects)[:, None]
-        counts = np.bincount(idx.ravel(), minlength=b * n_subjects)
-        yield counts.reshape(b, n_subjects).astype(np.float64)
-        done += b
-
-
-def _percentile_cis(samples: np.ndarray, level: float) -> list[tuple[float, float, str | None]]:
-    """Percentile intervals of each row of ``samples`` (metrics x resamples)."""
-    q = [(1 - level) / 2, (1 + level) / 2]
-    finite = np.isfinite(samples)
-    out: list[tuple[float, float, str | None]] = [(np.nan, np.nan, None)] * samples.shape[0]
-    complete = finite.all(axis=1)
-    if complete.any():
-        bounds = np.quantile(samples[complete], q, axis=1)
-        for j, i in enumerate(np.flatnonzero(complete)):
-            out[i] = (float(bounds[0, j]), float(bounds[1, j]), None)
-    for i in np.flatnonzero(~complete):
-        frac = finite[i].mean() if samples.shape[1] else 0.0
-        if frac < MIN_DEFINED_FRACTION:
-            out[i] = (np.nan, np.nan, f"CI not computed: metric undefined in "
-                      f"{100 * (1 - frac):.0f}% of bootstrap resamples")
-        else:
-            lo, hi = np.quantile(samples[i, finite[i]], q)
-            out[i] = (float(lo), float(hi), None)
-    return out
 
 
 # --------------------------------------------------------------------------- main computation
@@ -738,10 +502,10 @@ def _stratum_rows(comp: _Pairs, specs: list[_Spec], level: str, site: str, mask:
     elif n_subj_stratum < min_subjects_ci:
         boot_note = f"CI not computed: {n_subj_stratum} subject(s) < {min_subjects_ci}"
     elif observed.sum() > 0:
-        rng = _stratum_seed(seed, comp.comparison, level, site)
+        rng = stratum_rng(seed, comp.comparison, level, site)
         boot = np.empty((n_boot, total))
         start = 0
-        for w in _resample_weights(rng, n_subj_stratum, n_boot):
+        for w in resample_weights(rng, n_subj_stratum, n_boot):
             boot[start:start + w.shape[0]] = w @ M
             start += w.shape[0]
 
@@ -768,13 +532,13 @@ def _stratum_rows(comp: _Pairs, specs: list[_Spec], level: str, site: str, mask:
         if boot is not None and n_discs > 0:
             bs = confusion_metrics(boot[:, sl].reshape(-1, s.k, s.k), s.grades,
                                    binary=s.binary, ordinal=s.ordinal)
-            cis = dict(zip(s.metrics, _percentile_cis(np.stack([bs[m] for m in s.metrics]),
+            cis = dict(zip(s.metrics, percentile_cis(np.stack([bs[m] for m in s.metrics]),
                                                       ci_level)))
         for metric in s.metrics:
             value = float(est[metric][0])
             notes = []
             if not np.isfinite(value):
-                notes.append(_nan_reason(metric, conf_obs))
+                notes.append(nan_reason(metric, conf_obs))
             lo = hi = np.nan
             method = BOOTSTRAP_METHOD if n_boot > 0 else NO_CI
             if np.isfinite(value):
@@ -810,7 +574,7 @@ def _analytic_row(base: dict, metric: str, value: float, conf: np.ndarray, spec:
                     "kappa_quadratic": "quadratic"}[metric]
             se = kappa_se(conf, kind)
             if np.isfinite(se):
-                half = _z_quantile(ci_level) * se
+                half = z_quantile(ci_level) * se
                 lo, hi = max(-1.0, value - half), min(1.0, value + half)
             else:
                 notes.append("analytic kappa SE undefined")
@@ -822,142 +586,3 @@ def _analytic_row(base: dict, metric: str, value: float, conf: np.ndarray, spec:
 def primary_rows(agreement: pd.DataFrame) -> pd.DataFrame:
     """One row per (comparison, task, level, site, metric): drops the extra analytic-CI rows."""
     return agreement[~agreement["ci_method"].isin(set(ANALYTIC_METHOD.values()))]
-
-
-# --------------------------------------------------------------------------- file entry points
-
-
-# Label columns that are not grades.
-LABEL_KEY_COLUMNS = ("scan_id", "level", "reader", "subject_id", "site", "visit")
-
-
-def label_warnings(labels: pd.DataFrame, scan_ids: Iterable[str] | None = None) -> list[str]:
-    """Counted problems of a labels table that the agreement would otherwise pass over without a
-    word: grades that are not numbers (``severe``) or off the task's scale, disc levels that do not
-    exist (``L9-L10``), ``scan_id``s not in the cohort and columns that match no task."""
-    out: list[str] = []
-    known_tasks = [t.name for t in TASKS] + [CCS_BINARY]
-    ignored = [str(c) for c in labels.columns if c not in known_tasks and c not in LABEL_KEY_COLUMNS]
-    if ignored:
-        out.append(f"labels: {len(ignored)} column(s) match no task and were ignored: {', '.join(ignored[:10])}")
-    scales = {t.name: t.grades for t in TASKS} | {CCS_BINARY: (0, 1)}
-    for task in [c for c in known_tasks if c in labels.columns]:
-        text = labels[task].astype("string").str.strip()
-        given = text.notna() & (text != "")
-        numbers = pd.to_numeric(text.where(given), errors="coerce")
-        not_number = given & numbers.isna()
-        if not_number.any():
-            examples = ", ".join(repr(v) for v in pd.unique(text[not_number])[:3])
-            out.append(f"labels: {int(not_number.sum())} {task} grade(s) are not numbers ({examples}); treated as not graded")
-        off_scale = numbers.notna() & ~numbers.isin(scales[task])
-        if off_scale.any():
-            out.append(f"labels: {int(off_scale.sum())} {task} grade(s) outside the scale {scales[task]}; treated as not graded")
-    if "level" in labels.columns:
-        levels = _norm_level(labels["level"].dropna())
-        unknown = levels[~levels.isin(disc_levels())]
-        if len(unknown):
-            examples = ", ".join(pd.unique(unknown)[:3])
-            out.append(f"labels: {len(unknown)} row(s) with a disc level that does not exist ({examples}); ignored")
-    if scan_ids is not None and "scan_id" in labels.columns:
-        ids = labels["scan_id"].dropna().astype(str).str.strip()
-        unknown = ids[~ids.isin(set(map(str, scan_ids)))]
-        if len(unknown):
-            examples = ", ".join(pd.unique(unknown)[:3])
-            out.append(f"labels: {len(unknown)} row(s) for scan_id(s) not in the manifest ({examples}); ignored")
-    return out
-
-
-def _read_table(path: str | Path, kind: str) -> pd.DataFrame:
-    """A predictions or labels table; an unreadable one raises ``ValueError`` naming the file."""
-    path = Path(path)
-    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
-    try:
-        if suffix in (".parquet", ".pq"):
-            df = pd.read_parquet(path)
-        else:
-            sep = "\t" if suffix in (".tsv", ".tab", ".tsv.gz") else ","
-            text_cols = {"scan_id": str, "subject_id": str, "level": str, "reader": str, "site": str}
-            # utf-8-sig: a spreadsheet's byte-order mark would otherwise rename the first column
-            df = pd.read_csv(path, sep=sep, dtype=text_cols, keep_default_na=True, encoding="utf-8-sig")
-    except (OSError, ValueError) as error:  # empty, undecodable or malformed files are ValueErrors
-        detail = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(f"{kind} {path}: not a readable table ({detail})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    log.info("%s: %d rows from %s", kind, len(df), path)
-    return df
-
-
-def default_confusion_path(out_path: str | Path) -> Path:
-    """``.../agreement.parquet`` -> ``.../confusion.parquet``; ``x.parquet`` -> ``x_confusion.parquet``."""
-    out = Path(out_path)
-    if "agreement" in out.stem:
-        return out.with_name(out.stem.replace("agreement", "confusion") + out.suffix)
-    return out.with_name(f"{out.stem}_confusion{out.suffix or '.parquet'}")
-
-
-def run_agreement(
-    discs_path: str | Path,
-    labels_path: str | Path,
-    out_path: str | Path,
-    n_bootstrap: int = 2000,
-    seed: int = 0,
-    *,
-    confusion_path: str | Path | None = None,
-    provenance: dict[str, str] | None = None,
-    tasks: Sequence[str] | None = None,
-    created_by: str | None = None,
-    reading_schemes: Mapping[str, Mapping] | None = None,
-) -> tuple[Path, Path]:
-    """Read predictions + labels, write agreement and confusion Parquet; returns both paths.
-
-    Provenance: ``provenance`` if given, else the discs table's own Parquet metadata (so model
-    ids and config hash carry over) with ``created_by`` set to this command; ``n_bootstrap`` and
-    ``seed`` are added as ``agreement_n_bootstrap`` / ``agreement_seed`` metadata keys.
-    """
-    from .provenance import make_provenance, read_provenance, write_table
-
-    discs = _read_table(discs_path, "predictions")
-    labels = _read_table(labels_path, "labels")
-    for warning in label_warnings(labels):  # the report adds scan_ids missing from the manifest
-        log.warning("%s", warning)
-    agreement, confusion = compute_agreement(discs, labels, n_bootstrap=n_bootstrap, seed=seed,
-                                             tasks=tasks, reading_schemes=reading_schemes)
-    if provenance is None:
-        prov = make_provenance(created_by=created_by)
-        if str(discs_path).lower().endswith((".parquet", ".pq")):
-            try:
-                prov.update({k: v for k, v in read_provenance(discs_path).items()
-                             if k != "created_by"})
-            except Exception:  # provenance is best effort; the tables matter
-                log.warning("could not read provenance from %s", discs_path)
-    else:
-        prov = dict(provenance)
-    prov["agreement_n_bootstrap"] = str(int(n_bootstrap))
-    prov["agreement_seed"] = str(int(seed))
-    out = Path(out_path)
-    conf_out = Path(confusion_path) if confusion_path else default_confusion_path(out)
-    write_table(agreement, out, prov)
-    write_table(confusion, conf_out, prov)
-    return out, conf_out
-
-
-def agreement_cli(argv: Sequence[str] | None = None) -> int:
-    """``DISCS LABELS -o OUT.parquet [--bootstrap N] [--seed S] [--confusion PATH]``."""
-    ap = argparse.ArgumentParser(prog="spinecohort agreement",
-                                 description="Agreement of predicted disc grades with readers.")
-    ap.add_argument("discs", help="predictions table (Parquet, CSV or TSV)")
-    ap.add_argument("labels", help="radiologist labels (CSV, TSV or Parquet)")
-    ap.add_argument("-o", "--out", required=True, help="agreement Parquet to write")
-    ap.add_argument("--confusion", default=None, help="confusion Parquet (default: beside OUT)")
-    ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (0: none)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    out, conf = run_agreement(args.discs, args.labels, args.out, args.bootstrap, args.seed,
-                              confusion_path=args.confusion)
-    print(f"wrote {out} and {conf}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    logging.basicConfig(level=logging.INFO)
-    sys.exit(agreement_cli())

@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .shipped import default_model
+from ..geometry import centroid_mid_slice, point_in_quad, polygon_iou, side_of_line
+from ..shipped import default_model
 
 __all__ = [
     "EvalBody",
@@ -29,6 +30,7 @@ __all__ = [
     "public_lumbar_detection_cases",
     "synthetic_case",
     "synthetic_detection_cases",
+    "contains_centroid",
     "match_detections",
     "evaluate_detection",
     "detection_main",
@@ -49,10 +51,7 @@ class EvalBody:
     def mid(self) -> int:
         if self.mid_slice is not None:
             return int(self.mid_slice)
-        s = int(round(self.centroid[0]))
-        if self.polygons and s not in self.polygons:
-            s = min(self.polygons, key=lambda k: (abs(k - self.centroid[0]), k))
-        return s
+        return centroid_mid_slice(self.polygons, self.centroid[0])
 
 
 @dataclass
@@ -75,7 +74,7 @@ def public_lumbar_detection_cases(root=None, split: str = "val") -> list[Detecti
     """Public-lumbar cases of one split: vb3 (mask-derived bodies L1-L5) and ivd (bodies L2-L5
     between annotated discs). Detections above the top / below the bottom annotated body are not
     counted."""
-    from . import publiclumbar as pl
+    from .. import publiclumbar as pl
 
     cases = []
     for ref in pl.list_cases(root, split=split):
@@ -112,8 +111,6 @@ def synthetic_case(scan, name: str | None = None, count_below_s1: bool = False) 
     counted = None
     s1 = next((b for b in bodies if b.level == "S1" and b.polygons), None)
     if s1 is not None and not count_below_s1:
-        from .publiclumbar import side_of_line
-
         q = s1.polygons[s1.mid()]
         p0, p1 = q[3] + [2.0, 0.0], q[2] + [2.0, 0.0]  # S1's inferior edge, 2 px lower
 
@@ -129,7 +126,7 @@ def synthetic_detection_cases(n: int, seed: int = 0, fov: str | None = None,
                               count_below_s1: bool = False) -> list[DetectionCase]:
     """``n`` held-out synthetic scans (seeds ``base_seed + 1000 * seed + i``, disjoint from the
     training seeds), cycling through fields of view and contrasts unless fixed."""
-    from . import synthetic
+    from .. import synthetic
 
     fovs = ("lumbar", "whole", "cervical")
     contrasts = ("T1", "T2", "STIR")
@@ -142,17 +139,15 @@ def synthetic_detection_cases(n: int, seed: int = 0, fov: str | None = None,
     return cases
 
 
-def _contains(det, body: EvalBody) -> bool:
-    from .detect import point_in_quad
-
+def contains_centroid(det, body: EvalBody) -> bool:
+    """Whether the detection's polygon on the body's mid slice (or one slice away) contains the
+    body's centroid: SpineNet's criterion for a detection of that body."""
     q = det.polygon_near(body.mid(), 1)
     return q is not None and point_in_quad(body.centroid[1:], q)
 
 
 def _overlaps(det, body: EvalBody) -> bool:
-    from .detect import polygon_iou
-
-    if _contains(det, body):
+    if contains_centroid(det, body):
         return True
     for s, q in body.polygons.items():
         if s in det.polygons and polygon_iou(det.polygons[s], q) > 0.0:
@@ -167,7 +162,7 @@ def match_detections(detections: Sequence, case: DetectionCase) -> dict[str, Any
     ss = case.slice_spacing_mm
     found, errors, errors_2d, missed = 0, [], [], []
     for b in case.bodies:
-        hits = [d for d in detections if _contains(d, b)]
+        hits = [d for d in detections if contains_centroid(d, b)]
         if len(hits) == 1:
             found += 1
             d = hits[0]
@@ -178,7 +173,7 @@ def match_detections(detections: Sequence, case: DetectionCase) -> dict[str, Any
             missed.append({"level": b.level, "centroid": [round(x, 1) for x in b.centroid], "hits": len(hits)})
     status = []
     for d in detections:
-        if any(_contains(d, b) for b in case.bodies):
+        if any(contains_centroid(d, b) for b in case.bodies):
             status.append("tp")
         elif any(_overlaps(d, b) for b in case.ignored):
             status.append("ignored")
@@ -268,7 +263,7 @@ def detection_main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from .detect import Detector
+    from ..detect import Detector
 
     torch.set_num_threads(a.threads)
     model = a.model or str(default_model("detector"))
@@ -300,7 +295,7 @@ def detection_main(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m spinecohort.evaluation detection ...``"""
+    """``spinecohort evaluate detection ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "detection":
         return detection_main(argv[1:])
