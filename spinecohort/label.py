@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nets.storage import storable_state_dict
+from .nets.storage import StoredConfig, save_checkpoint_file, storable_state_dict
 from .tasks import LEVELS
 
 __all__ = [
@@ -87,6 +87,7 @@ __all__ = [
     "build_appearance_net",
     "build_context_net",
     "save_labeller_checkpoint",
+    "load_labeller_net",
     "Labeller",
     "APPEARANCE_FORMAT",
     "CONTEXT_FORMAT",
@@ -101,7 +102,7 @@ N_LEVELS = len(LEVELS)
 # configuration
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class AppearanceConfig:
+class AppearanceConfig(StoredConfig):
     arch: str = "cpu"                     # "cpu" | "official"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     grid: tuple[int, int, int] = (8, 48, 48)   # (slices, rows, cols) of the resampled volume
@@ -118,22 +119,10 @@ class AppearanceConfig:
         return cls(arch="official", grid=(16, 224, 224), square=False, norm="official",
                    size_features=False, temperature=10.0, batch=8)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["grid"] = list(self.grid)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "AppearanceConfig":
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        if "grid" in kw:
-            kw["grid"] = tuple(int(x) for x in kw["grid"])
-        return cls(**kw)
 
 
 @dataclass
-class ContextConfig:
+class ContextConfig(StoredConfig):
     arch: str = "cpu"                     # "cpu" | "official"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     mm_per_row: float = 1.0
@@ -145,17 +134,10 @@ class ContextConfig:
     def official(cls) -> "ContextConfig":
         return cls(arch="official", pad_multiple=256, temperature=10.0)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ContextConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
-class BeamConfig:
+class BeamConfig(StoredConfig):
     """Beam-search penalties, in nats (added to the sum of -log emission probabilities)."""
 
     width: int = 100
@@ -676,14 +658,11 @@ def save_labeller_checkpoint(path: str | Path, net: nn.Module, config: Appearanc
     state = storable_state_dict(net, half)
     payload = {"format": fmt, "format_version": 1, "config": config.to_dict(), "state_dict": state,
                "meta": dict(meta or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint_file(path, payload)
 
 
-def _load_net(path: str | Path, fmt: str, cfg_cls, builder):
+def load_labeller_net(path: str | Path, fmt: str, cfg_cls, builder):
     payload = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise ValueError(f"{path}: not a {fmt} checkpoint")
@@ -728,10 +707,9 @@ class Labeller:
     @classmethod
     def load(cls, appearance_path: str | Path, context_path: str | Path, device: str = "cpu",
              beam: BeamConfig | None = None) -> "Labeller":
-        app, acfg, ameta = _load_net(appearance_path, APPEARANCE_FORMAT, AppearanceConfig, build_appearance_net)
-        ctx, ccfg, cmeta = _load_net(context_path, CONTEXT_FORMAT, ContextConfig, build_context_net)
-        beam = beam or BeamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cmeta.get("beam", {}).items()
-                                     if k in {f.name for f in fields(BeamConfig)}})
+        app, acfg, ameta = load_labeller_net(appearance_path, APPEARANCE_FORMAT, AppearanceConfig, build_appearance_net)
+        ctx, ccfg, cmeta = load_labeller_net(context_path, CONTEXT_FORMAT, ContextConfig, build_context_net)
+        beam = beam or BeamConfig.from_dict(cmeta.get("beam", {}))
         return cls(app, ctx, acfg, ccfg, beam, device, {"appearance": ameta, "context": cmeta})
 
     @classmethod

@@ -46,7 +46,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -639,10 +639,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    sacral_penalty=args.sacral_penalty,
                    probability_calibration=tuple(args.probability_calibration))
     if args.stage == "beam":
-        from ..label import CONTEXT_FORMAT, _load_net
+        from ..label import CONTEXT_FORMAT, load_labeller_net
 
-        cnet, ccfg, cmeta = _load_net(args.context_out, CONTEXT_FORMAT, ContextConfig, build_context_net)
-        cmeta["beam"] = asdict(beam)
+        cnet, ccfg, cmeta = load_labeller_net(args.context_out, CONTEXT_FORMAT, ContextConfig, build_context_net)
+        cmeta["beam"] = beam.to_dict()
         cmeta["beam_argv"] = list(argv if argv is not None else sys.argv[1:])
         save_labeller_checkpoint(args.context_out, cnet, ccfg, cmeta)
         print(f"beam settings of {args.context_out}: {json.dumps(cmeta['beam'])}")
@@ -695,10 +695,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_labeller_checkpoint(args.appearance_out, net, acfg, meta)
         log(f"appearance saved to {args.appearance_out}: {json.dumps(metrics)}")
     if args.stage in ("context", "all"):
-        from ..label import APPEARANCE_FORMAT, _load_net
+        from ..label import APPEARANCE_FORMAT, load_labeller_net
 
         syn = load_synthetic_cache(cache, args.n_synthetic, grid=acfg.grid)
-        net, _, _ = _load_net(args.appearance_out, APPEARANCE_FORMAT, AppearanceConfig, build_appearance_net)
+        net, _, _ = load_labeller_net(args.appearance_out, APPEARANCE_FORMAT, AppearanceConfig, build_appearance_net)
         pools, own, _ = heldout_logits(net, syn)
         geos = list(syn)
         if args.real_sacrum_only and detector is not None:
@@ -720,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              minutes=args.minutes)
         meta = {"recipe": "spinecohort.training.labeller", "argv": list(argv if argv is not None else sys.argv[1:]),
                 "seed": args.seed, "steps": args.context_steps, "train_seconds": round(time.time() - t0, 1),
-                "beam": asdict(beam)}
+                "beam": beam.to_dict()}
         save_labeller_checkpoint(args.context_out, cnet, ccfg, meta)
         log(f"context saved to {args.context_out}")
     log(f"done in {time.time() - t_all:.0f} s")
