@@ -26,20 +26,32 @@ def _created_by(smk: Any) -> str:
     return shlex.join(["snakemake", f"rule={smk.rule}", *[f"{k}={v}" for k, v in dict(smk.wildcards).items()]])
 
 
+def shard_manifest(smk: Any) -> None:
+    from .manifest import write_shard_manifest
+
+    with _job_logging(smk):
+        write_shard_manifest(smk.input.manifest, int(smk.wildcards.shard), int(smk.params.shard_size), smk.output[0])
+
+
 def run_stage(smk: Any) -> None:
+    from .manifest import read_manifest
     from .pipeline import run_shard_stage
 
     # torch threads = the CPUs the job was given (set-threads in the SLURM profiles)
     config = {**smk.params.config, "threads": int(smk.threads)}
     with _job_logging(smk):
-        run_shard_stage(smk.params.stage, config, smk.input.manifest, int(smk.wildcards.shard), _created_by(smk))
+        # input.manifest is the shard's own manifest (rule shard_manifest): its rows are the shard
+        run_shard_stage(smk.params.stage, config, smk.input.manifest, int(smk.wildcards.shard), _created_by(smk),
+                        rows=read_manifest(smk.input.manifest))
 
 
 def render_qc(smk: Any) -> None:
+    from .manifest import read_manifest
     from .pipeline import render_shard_qc
 
     with _job_logging(smk):
-        render_shard_qc(smk.params.config, smk.input.manifest, int(smk.wildcards.shard))
+        render_shard_qc(smk.params.config, smk.input.manifest, int(smk.wildcards.shard),
+                        rows=read_manifest(smk.input.manifest))
 
 
 def cohort_tables(smk: Any) -> None:
@@ -57,7 +69,7 @@ def report(smk: Any) -> None:
                      agreement=smk.input.agreement[0] if smk.input.agreement else None,
                      labels=smk.input.labels[0] if smk.input.labels else None, out=smk.output[0],
                      morphometry=getattr(smk.input, "morphometry", None), change=getattr(smk.input, "change", None),
-                     vertebrae=getattr(smk.input, "vertebrae", None))
+                     vertebrae=getattr(smk.input, "vertebrae", None), manifest=getattr(smk.input, "manifest", None))
 
 
 def demo_cohort(smk: Any) -> None:
