@@ -26,23 +26,20 @@ def _created_by(smk: Any) -> str:
     return shlex.join(["snakemake", f"rule={smk.rule}", *[f"{k}={v}" for k, v in dict(smk.wildcards).items()]])
 
 
-def shard_manifest(smk: Any) -> None:
-    from .manifest import write_shard_manifest
-
-    with _job_logging(smk):
-        write_shard_manifest(smk.input.manifest, int(smk.wildcards.shard), int(smk.params.shard_size), smk.output[0])
-
-
 def run_stage(smk: Any) -> None:
-    from .manifest import read_manifest
+    from .manifest import read_manifest, write_shard_manifest
     from .pipeline import run_shard_stage
 
     # torch threads = the CPUs the job was given (set-threads in the SLURM profiles)
     config = {**smk.params.config, "threads": int(smk.threads)}
+    shard = int(smk.wildcards.shard)
     with _job_logging(smk):
-        # input.manifest is the shard's own manifest (rule shard_manifest): its rows are the shard
-        run_shard_stage(smk.params.stage, config, smk.input.manifest, int(smk.wildcards.shard), _created_by(smk),
-                        rows=read_manifest(smk.input.manifest))
+        if "manifest" in smk.output.keys():  # the first stage: the shard's rows as their own file
+            write_shard_manifest(smk.input.manifest, shard, int(config["shard_size"]), smk.output.manifest)
+            rows = read_manifest(smk.output.manifest)
+        else:  # input.manifest is the shard's own manifest: its rows are the shard
+            rows = read_manifest(smk.input.manifest)
+        run_shard_stage(smk.params.stage, config, smk.input.manifest, shard, _created_by(smk), rows=rows)
 
 
 def render_qc(smk: Any) -> None:

@@ -177,7 +177,7 @@ def shard_name(shard: int) -> str:
 def shard_keys(manifest: pd.DataFrame | None, shard_size: int, demo: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Shard name -> a fingerprint of that shard's rows (as :func:`read_manifest` returns them).
 
-    The Snakefile gives it to each shard's ``shard_manifest`` job as a param, so Snakemake re-runs
+    The Snakefile gives it to each shard's first (``ingest``) job as a param, so Snakemake re-runs
     that job (and the shard's stages after it) only when the shard's own rows change: appending a
     wave of scans at the end of the manifest plans only the new (or last, unfilled) shard.
     ``manifest`` is None for the demo cohort, which does not exist yet when the workflow is

@@ -86,7 +86,7 @@ def test_appending_a_row_plans_only_its_shard(tmp_path):
         return (planned(text) if "Job stats:" in text else {}), text
 
     assert plan()[0] == {}  # nothing to do
-    per_shard = ["shard_manifest", *stage_order(), "qc"]
+    per_shard = [*stage_order(), "qc"]
     manifest.write_text(header + "".join(rows) + "s4,sub4,missing/s4\n")
     counts, text = plan()
     assert {rule: counts.get(rule, 0) for rule in per_shard} == {rule: 1 for rule in per_shard}, text[-3000:]

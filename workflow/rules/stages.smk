@@ -1,28 +1,32 @@
-# Each shard's rows as its own file: the shard's jobs depend on it, not on the manifest, so a row
-# added or changed elsewhere in the manifest re-runs none of them. The job re-runs when the
-# fingerprint of its rows (a param) changes; the manifest's own timestamp is ignored (ancient).
-# The demo manifest is made by a rule, so there its timestamp counts.
-rule shard_manifest:
+# One job per (stage, shard): models load once per job and every scan of the shard is processed.
+# The first stage also writes the shard's rows as their own file, the input of the shard's later
+# jobs, so a row added or changed elsewhere in the manifest re-runs none of them. It re-runs when
+# the fingerprint of its rows (a param) changes; the manifest's timestamp is ignored (ancient),
+# except the demo manifest's, which is made by a rule.
+rule:
+    name:
+        STAGES[0]
     input:
         manifest=MANIFEST if DEMO else ancient(MANIFEST),
     output:
-        f"{WORK}/{{shard}}/manifest.csv",
+        status=f"{WORK}/{{shard}}/{STAGES[0]}.status.parquet",
+        manifest=f"{WORK}/{{shard}}/manifest.csv",
     log:
-        f"{OUT}/logs/shard_manifest/{{shard}}.log",
-    localrule: True
+        f"{OUT}/logs/{STAGES[0]}/{{shard}}.log",
     conda:
         "../../envs/spinecohort.yaml"
     container:
         CONTAINER
+    threads: CFG["threads"]
     params:
+        stage=STAGES[0],
+        config=stage_config(PIPELINE_CFG, STAGES[0]),
         rows=shard_key,
-        shard_size=CFG["shard_size"],
     script:
-        "../../scripts/shard_manifest.py"
+        "../../scripts/run_stage.py"
 
 
-# One job per (stage, shard): models load once per job and every scan of the shard is processed.
-for _stage in STAGES:
+for _stage in STAGES[1:]:
 
     rule:
         name:
