@@ -459,8 +459,9 @@ def cohort_scans(config: Mapping[str, Any], manifest_file: str | Path, n_shards:
     # the ingest columns beyond the contract's are there even when no scan was ingested, so every
     # run's table has the same columns
     for column in columns + ["series_choice", "ingest_warnings"]:
-        if column not in merged.columns:
-            merged[column] = np.nan if column.startswith("n_") or column == "grading_slices" else ""
+        if column not in merged.columns:  # no scan was ingested: blank cells of the column's type
+            kind = SCAN_TYPES.get(column, _TEXT)
+            merged[column] = "" if kind == _TEXT else (None if kind == _FLOATS else np.nan)
     extra = [c for c in merged.columns if c not in columns and c != "series_uid"]
     return merged[columns + extra]
 
@@ -668,7 +669,12 @@ def run_in_process(config: Mapping[str, Any], manifest_file: str | Path, created
     """Every stage over every shard in this process (``spinecohort predict`` and tests)."""
     from .manifest import n_shards
 
+    from .manifest import write_shard_manifest
+
     count = n_shards(len(read_manifest(manifest_file)), int(config["shard_size"]))
+    for shard in range(count):  # as the Snakemake run lays out work/ (the ingest job writes them)
+        write_shard_manifest(manifest_file, shard, int(config["shard_size"]),
+                             shard_dir(config["outdir"], shard) / "manifest.csv")
     for stage in stage_order():
         for shard in range(count):
             run_shard_stage(stage, config, manifest_file, shard, created_by)
