@@ -79,7 +79,7 @@ def test_appending_a_row_plans_only_its_shard(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     def plan() -> tuple[dict[str, int], str]:
-        result = subprocess.run([*command[:4], "-n", *command[4:]], cwd=run, env=env, capture_output=True,
+        result = subprocess.run([*command[:5], "-n", *command[5:]], cwd=run, env=env, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         text = result.stdout + result.stderr
