@@ -1,7 +1,14 @@
 # spinecohort: sagittal spinal MRI cohort -> vertebra, disc and grading phenotypes.
 # Logic lives in the `spinecohort` package; rules only wire files together.
-from spinecohort.config import resolve_config, manifest_path, labels_path, demo_paths, pipeline_config
-from spinecohort.manifest import read_manifest, n_shards
+from spinecohort.config import (
+    resolve_config,
+    manifest_path,
+    labels_path,
+    demo_paths,
+    pipeline_config,
+)
+from spinecohort.manifest import read_manifest, shard_keys
+
 
 configfile: "config/config.yaml"
 
@@ -14,8 +21,11 @@ OUT = CFG["outdir"]
 DEMO = not CFG["manifest"]
 MANIFEST = str(manifest_path(CFG))
 LABELS = labels_path(CFG)
-N_SCANS = CFG["demo"]["n_scans"] if DEMO else len(read_manifest(MANIFEST))
-SHARDS = [f"{k:04d}" for k in range(n_shards(N_SCANS, CFG["shard_size"]))]
+# Shard name -> fingerprint of its rows: a shard's jobs re-run only when its own rows change.
+SHARD_KEYS = shard_keys(
+    None if DEMO else read_manifest(MANIFEST), CFG["shard_size"], CFG["demo"]
+)
+SHARDS = list(SHARD_KEYS)
 WORK = f"{OUT}/work/shards"
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Proof on a real scheduler: a single-node SLURM cluster on this machine (slurmctld + slurmd, munge,
-# no accounting database) runs a small synthetic cohort through `--profile profiles/slurm`, and the
-# tables must equal a local run's (ignoring seconds_* timing columns, created_by and config_sha256,
-# which hashes the differing outdir).
+# no accounting database) runs a small cohort of synthetic phantoms (plus one unreadable scan)
+# through `--profile profiles/slurm` (grouped model jobs, ingest/qc job arrays), and every table
+# (scans, vertebrae, discs, morphometry, change; all but change must have rows) must equal a local
+# run's (ignoring seconds_* timing columns, created_by and config_sha256, which hashes the
+# differing outdir).
 #
 #   sudo scripts/slurm-selftest.sh            # Debian/Ubuntu; installs slurm-wlm and munge with apt-get
 #
@@ -121,20 +123,18 @@ done
 log "cluster up: $(sinfo -h -o '%P %D %t %c CPUs')"
 
 # ------------------------------------------------------------------------------------------ cohort
-"$PY" - "$W/cohort" "$SCANS" <<'EOF'
+# Synthetic phantoms (the demo cohort's), so both runs find vertebrae and discs and every table is
+# compared with rows in it; plus one folder that is not DICOM, so a failed scan is compared too.
+"$PY" -m spinecohort.cli demo-cohort "$W/cohort" --n-scans "$SCANS" --seed 11 >/dev/null
+mkdir -p "$W/cohort/junk"
+printf 'not dicom' >"$W/cohort/junk/x.dcm"
+"$PY" - "$W/cohort/manifest.csv" <<'EOF'
 import sys
-from pathlib import Path
-import numpy as np
-from spinecohort.dicom_writer import SeriesHeader, write_series
+import pandas as pd
 
-root, n = Path(sys.argv[1]), int(sys.argv[2])
-rng = np.random.default_rng(11)
-for i in range(n):
-    write_series(rng.integers(0, 2000, (8, 64, 48)).astype(np.float32), root / f"s{i}", SeriesHeader((0.7, 0.7), 4.0), rng)
-(root / "junk").mkdir()
-(root / "junk" / "x.dcm").write_bytes(b"not dicom")
-(root / "manifest.csv").write_text("scan_id,subject_id,path,site\n"
-    + "".join(f"s{i},sub{i // 2},s{i},site{i % 2}\n" for i in range(n)) + "bad,subX,junk,site0\n")
+manifest = pd.read_csv(sys.argv[1], dtype=str, keep_default_na=False)
+bad = {c: "" for c in manifest.columns} | {"scan_id": "bad", "subject_id": "subX", "path": "junk"}
+pd.concat([manifest, pd.DataFrame([bad])]).to_csv(sys.argv[1], index=False)
 EOF
 cp "$REPO/config/config.yaml" "$W/run/config/config.yaml"
 TARGET_OF() { if [[ "${SELFTEST_TARGET:-tables}" == all ]]; then echo all; else echo "$1/tables/scans.parquet"; fi; }
@@ -172,7 +172,7 @@ import pyarrow.parquet as pq
 
 local, slurm = Path(sys.argv[1]), Path(sys.argv[2])
 IGNORED = {b"created_by", b"config_sha256", b"pandas"}
-for name in ("scans", "vertebrae", "discs"):
+for name in ("scans", "vertebrae", "discs", "morphometry", "change"):
     tables = []
     for root in (local, slurm):
         table = pq.read_table(root / "tables" / f"{name}.parquet")
@@ -181,6 +181,10 @@ for name in ("scans", "vertebrae", "discs"):
     (a, meta_a), (b, meta_b) = tables
     if not a.equals(b) or meta_a != meta_b:
         print(f"tables/{name}.parquet differs:\nlocal:\n{a.to_pandas()}\nslurm:\n{b.to_pandas()}\n{meta_a}\n{meta_b}")
+        sys.exit(1)
+    # an empty table would prove nothing (change needs two visits of a subject: it may be empty)
+    if name in ("vertebrae", "discs", "morphometry") and a.num_rows == 0:
+        print(f"tables/{name}.parquet has no rows in either run: the comparison proves nothing")
         sys.exit(1)
     print(f"tables/{name}.parquet: {a.num_rows} rows, identical")
 scans = pq.read_table(slurm / "tables" / "scans.parquet").to_pandas()

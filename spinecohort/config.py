@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
     # labels columns on another scale, mapped onto a binary view of model tasks (spinecohort.schemes)
     "reading_schemes": copy.deepcopy(DEFAULT_READING_SCHEMES),
     "qc": True,
+    # keep work/series (the ingested scans) after each shard's last job; false removes them
+    "keep_intermediates": False,
     "keep_series_uid": False,
     # `snakemake train_grader`: patient-level k-fold CV of the grader on the labelled discs.
     "grader_training": {"k": 5, "seed": 0, "init_weights": "shipped", "readers": None, "steps": None,

@@ -27,19 +27,28 @@ def _created_by(smk: Any) -> str:
 
 
 def run_stage(smk: Any) -> None:
+    from .manifest import read_manifest, write_shard_manifest
     from .pipeline import run_shard_stage
 
     # torch threads = the CPUs the job was given (set-threads in the SLURM profiles)
     config = {**smk.params.config, "threads": int(smk.threads)}
+    shard = int(smk.wildcards.shard)
     with _job_logging(smk):
-        run_shard_stage(smk.params.stage, config, smk.input.manifest, int(smk.wildcards.shard), _created_by(smk))
+        if "manifest" in smk.output.keys():  # the first stage: the shard's rows as their own file
+            write_shard_manifest(smk.input.manifest, shard, int(config["shard_size"]), smk.output.manifest)
+            rows = read_manifest(smk.output.manifest)
+        else:  # input.manifest is the shard's own manifest: its rows are the shard
+            rows = read_manifest(smk.input.manifest)
+        run_shard_stage(smk.params.stage, config, smk.input.manifest, shard, _created_by(smk), rows=rows)
 
 
 def render_qc(smk: Any) -> None:
+    from .manifest import read_manifest
     from .pipeline import render_shard_qc
 
     with _job_logging(smk):
-        render_shard_qc(smk.params.config, smk.input.manifest, int(smk.wildcards.shard))
+        render_shard_qc(smk.params.config, smk.input.manifest, int(smk.wildcards.shard),
+                        rows=read_manifest(smk.input.manifest))
 
 
 def cohort_tables(smk: Any) -> None:
@@ -57,7 +66,7 @@ def report(smk: Any) -> None:
                      agreement=smk.input.agreement[0] if smk.input.agreement else None,
                      labels=smk.input.labels[0] if smk.input.labels else None, out=smk.output[0],
                      morphometry=getattr(smk.input, "morphometry", None), change=getattr(smk.input, "change", None),
-                     vertebrae=getattr(smk.input, "vertebrae", None))
+                     vertebrae=getattr(smk.input, "vertebrae", None), manifest=getattr(smk.input, "manifest", None))
 
 
 def demo_cohort(smk: Any) -> None:

@@ -751,14 +751,35 @@ def _plain(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- persistence
+def compact_volume(volume: np.ndarray) -> np.ndarray:
+    """The smallest integer type that holds every voxel exactly (DICOM pixel data is integer; the
+    rescaled values usually are too), else the volume as it is: stored losslessly."""
+    if volume.size and np.issubdtype(volume.dtype, np.floating):
+        low, high = float(volume.min()), float(volume.max())
+        for dtype in (np.uint8, np.int8, np.uint16, np.int16, np.int32):
+            info = np.iinfo(dtype)
+            if info.min <= low and high <= info.max:
+                candidate = volume.astype(dtype)
+                if np.array_equal(candidate, volume):
+                    return candidate
+                break
+    return volume
+
+
 def save_series(series: Series, path: str | os.PathLike) -> None:
-    """Store an ingested series for the next stage (atomic; no pickle)."""
+    """Store an ingested series for the next stage (atomic; no pickle): the volume in its compact
+    integer type (:func:`compact_volume`) and compressed; :func:`load_series` gives back the same
+    volume, in its own dtype (float32 for an ingested scan)."""
     buffer = io.BytesIO()
     meta = {k: v for k, v in series.meta.items() if k != "series_uid"}  # a DICOM identifier: kept out of files
-    np.savez(buffer, volume=series.volume, affine=series.affine, meta=np.array(json.dumps(meta)))
+    np.savez_compressed(buffer, volume=compact_volume(series.volume), dtype=np.array(series.volume.dtype.str),
+                        affine=series.affine, meta=np.array(json.dumps(meta)))
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_series(path: str | os.PathLike) -> Series:
     with np.load(path, allow_pickle=False) as data:
-        return Series(volume=data["volume"], affine=data["affine"], meta=json.loads(str(data["meta"])))
+        volume = data["volume"]
+        if "dtype" in data:  # stored compactly (save_series): back to the series' own type
+            volume = volume.astype(np.dtype(str(data["dtype"])), copy=False)
+        return Series(volume=volume, affine=data["affine"], meta=json.loads(str(data["meta"])))

@@ -5,28 +5,39 @@ models once, processes every scan that the previous stage left ``ok``, and write
 files atomically: ``<stage>.status.parquet`` (one row per scan of the shard) and
 ``<stage>.parquet`` (the stage's rows, e.g. vertebrae). A scan that fails is recorded with a
 one-line reason and never stops the shard.
+
+Each finished scan is recorded at once (``partial/<stage>/<scan_id>.parquet``), so a job killed
+mid-shard resumes at its next unfinished scan; the shard's files are assembled from those records.
+Per-scan intermediates (the ingested series) are a cache: a stage that needs a removed one re-reads
+the scan, and each shard's last job removes them unless config ``keep_intermediates``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from . import ingest as ingest_mod
 from .manifest import OPTIONAL, REQUIRED, read_manifest, shard_rows
-from .provenance import make_provenance, read_provenance, write_table
+from .provenance import make_provenance, read_provenance, sha256_file, write_table
 
 log = logging.getLogger("spinecohort")
 
 STATUS_COLUMNS = ["scan_id", "status", "error", "seconds"]
+# A stage's status rows also say where its scans ran ("cpu" or "cuda"; "" for a stage without a
+# model) and on which GPU (torch's device name; "" on the CPU).
+DEVICE_COLUMNS = ["device", "gpu_model"]
 
 
 @dataclass
@@ -46,12 +57,36 @@ class ScanContext:
     @property
     def series(self) -> ingest_mod.Series:
         if self._series is None:
-            self._series = ingest_mod.load_series(self.series_path)
+            self._series = scan_series(self.workdir, self.row)
         return self._series
 
 
 def series_path(workdir: Path, scan_id: str) -> Path:
     return Path(workdir) / "series" / f"{scan_id}.npz"
+
+
+def scan_series(workdir: str | Path, row: Mapping[str, Any]) -> ingest_mod.Series:
+    """A scan's ingested series: the stored intermediate, or, where it was removed (config
+    ``keep_intermediates: false``), the scan read again, which gives the same series (ingestion is
+    deterministic and the stored copy is lossless)."""
+    path = series_path(Path(workdir), row["scan_id"])
+    if path.exists():
+        return ingest_mod.load_series(path)
+    return ingest_mod.ingest(row["path"], row["scan_id"], row.get("series") or None)
+
+
+def remove_intermediates(outdir: str | Path, scan_ids: list[str]) -> int:
+    """Remove the given scans' stored series (work/series); returns the bytes freed. Disc volumes
+    (work/ivv) stay: they are the grading and `train_grader` inputs, and compact."""
+    freed = 0
+    for scan_id in scan_ids:
+        path = series_path(Path(outdir) / "work", scan_id)
+        try:
+            freed += path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    return freed
 
 
 def shard_dir(outdir: str | Path, shard: int) -> Path:
@@ -68,6 +103,10 @@ class Stage:
     # these (stage_config), so changing another key (tta, models.grader) re-runs no other stage
     config_keys: tuple[str, ...] = ()
 
+    #: the torch device the stage's models run on ("cpu", "cuda"), set by model stages; None = no model
+    device: str | None = None
+    gpu_model: str = ""
+
     def __init__(self, config: Mapping[str, Any]):
         self.config = config
 
@@ -78,17 +117,20 @@ class Stage:
     def run_scan(self, scan: ScanContext) -> pd.DataFrame | None:
         raise NotImplementedError
 
-    def run_batch(self, scans: list[ScanContext]) -> list[tuple[pd.DataFrame | None | BaseException, float]]:
-        """(rows or the error, seconds) per scan. Model stages override this to batch inference."""
-        results: list[tuple[pd.DataFrame | None | BaseException, float]] = []
+    def resumed(self, rows: pd.DataFrame) -> None:
+        """Called before the remaining scans of a resumed shard with the rows of the scans already
+        done, for a stage whose output depends on what came earlier in the shard."""
+
+    def run_batch(self, scans: list[ScanContext]) -> Iterator[tuple[pd.DataFrame | None | BaseException, float]]:
+        """(rows or the error, seconds) per scan, yielded as each scan finishes (it is recorded at
+        once, for resuming). Model stages may override this to batch inference."""
         for scan in scans:
             started = time.perf_counter()
             try:
                 outcome: pd.DataFrame | None | BaseException = self.run_scan(scan)
             except Exception as error:  # noqa: BLE001 - one bad scan never stops the shard
                 outcome = error
-            results.append((outcome, time.perf_counter() - started))
-        return results
+            yield outcome, time.perf_counter() - started
 
 
 class IngestStage(Stage):
@@ -160,6 +202,9 @@ def _format_error(stage: str, scan_id: str, error: BaseException) -> str:
     return f"scan {scan_id}: {stage}: {type(error).__name__}: {message}"
 
 
+#: The stages that run networks: tables/scans.parquet says per scan where each ran (device_<stage>).
+MODEL_STAGES = ("detect", "label", "grade")
+
 #: Config keys every stage job gets (where outputs go, which scans, the compute it may use).
 STAGE_COMMON_KEYS = ("outdir", "shard_size", "device", "threads")
 
@@ -181,15 +226,19 @@ def stage_config(config: Mapping[str, Any], stage_name: str) -> dict[str, Any]:
 
 
 def run_shard_stage(stage_name: str, config: Mapping[str, Any], manifest_file: str | Path, shard: int,
-                    created_by: str | None = None) -> None:
-    """Run one stage over one shard and write its status and rows."""
+                    created_by: str | None = None, rows: pd.DataFrame | None = None) -> None:
+    """Run one stage over one shard and write its status and rows.
+
+    ``rows``: the shard's manifest rows (the Snakemake job reads them from the shard's own
+    manifest); default: shard ``shard`` of ``manifest_file``. Scans recorded as done by an earlier,
+    interrupted run of the same job (same config, models and inputs) are not run again."""
     config = stage_config(config, stage_name)
     stage = stage_classes()[stage_name](config)
     outdir = Path(config["outdir"])
     workdir = outdir / "work"
     here = shard_dir(outdir, shard)
-    manifest = read_manifest(manifest_file)
-    rows = shard_rows(manifest, shard, int(config["shard_size"]))
+    if rows is None:
+        rows = shard_rows(read_manifest(manifest_file), shard, int(config["shard_size"]))
     eligible = set(rows["scan_id"])
     if stage.after is not None:
         previous_status = pd.read_parquet(here / f"{stage.after}.status.parquet")
@@ -208,25 +257,97 @@ def run_shard_stage(stage_name: str, config: Mapping[str, Any], manifest_file: s
                 context.previous[name] = pd.DataFrame()
         contexts.append(context)
 
-    statuses, parts = [], []
-    results = stage.run_batch(contexts) if contexts else []
-    for context, (result, seconds) in zip(contexts, results):
+    records = ScanRecords(here / "partial" / stage_name, _resume_key(stage, config, here))
+    done = [c for c in contexts if records.done(c)]
+    pending = [c for c in contexts if not records.done(c)]
+    if done:
+        log.info("%s: %d of %d scans of shard %04d already done by an interrupted run; resuming at the next",
+                 stage_name, len(done), len(contexts), shard)
+        done_rows = [records.read(c)[1] for c in done]
+        stage.resumed(pd.concat(done_rows, ignore_index=True) if done_rows else pd.DataFrame())
+    for context, (result, seconds) in zip(pending, stage.run_batch(pending) if pending else []):
         if isinstance(result, BaseException):
             log.debug("".join(traceback.format_exception(result)))
-            statuses.append({"scan_id": context.scan_id, "status": "failed",
-                             "error": _format_error(stage_name, context.scan_id, result), "seconds": seconds})
-            continue
-        statuses.append({"scan_id": context.scan_id, "status": "ok", "error": "", "seconds": seconds})
-        if result is not None and len(result):
+            status = {"status": "failed", "error": _format_error(stage_name, context.scan_id, result)}
+            result = None
+        else:
+            status = {"status": "ok", "error": ""}
+        status.update(seconds=seconds, device=stage.device or "", gpu_model=stage.gpu_model)
+        records.write(context, status, result)
+
+    # The shard's files are assembled from the records, in manifest order, whether or not the job
+    # was interrupted: a resumed shard is written exactly as an uninterrupted one.
+    statuses, parts = [], []
+    for context in contexts:
+        status, result = records.read(context)
+        statuses.append({"scan_id": context.scan_id, **status})
+        if len(result):
             parts.append(result)
     provenance = make_provenance(config, stage.models(), created_by)
-    status_frame = pd.DataFrame(statuses, columns=STATUS_COLUMNS)
+    status_frame = pd.DataFrame(statuses, columns=STATUS_COLUMNS + DEVICE_COLUMNS)
     rows_frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"scan_id": pd.Series(dtype=str)})
     here.mkdir(parents=True, exist_ok=True)
     # Rows first, status last: the status file is the rule's declared output, so a killed job
     # never leaves a shard that looks complete.
     write_table(rows_frame, here / f"{stage_name}.parquet", provenance)
     write_table(status_frame, here / f"{stage_name}.status.parquet", provenance)
+    records.clear()
+
+
+def _resume_key(stage: Stage, config: Mapping[str, Any], here: Path) -> str:
+    """What a scan's result depends on besides its manifest row: the stage's config (not its
+    thread count), the weights and the earlier stages' files of the shard. A record made under
+    another key (the config or an earlier stage changed since the interrupted run) is not used."""
+    upstream = ([f"{stage.after}.status.parquet"] if stage.after else []) + [f"{n}.parquet" for n in stage.needs_rows_of]
+    key = {"stage": stage.name, "config": {k: v for k, v in config.items() if k != "threads"},
+           "models": stage.models(),
+           "upstream": {name: sha256_file(here / name) if (here / name).exists() else None for name in upstream}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class ScanRecords:
+    """One file per finished scan of a stage job (``<folder>/<scan_id>.parquet``): the scan's rows,
+    with its status, seconds and device in the file metadata. Written atomically as each scan
+    finishes, so they survive a killed job (they are not the rule's declared output, which
+    Snakemake removes before re-running a job)."""
+
+    def __init__(self, folder: Path, key: str):
+        self.folder, self.key = folder, key
+
+    def _path(self, context: ScanContext) -> Path:
+        return self.folder / f"{context.scan_id}.parquet"
+
+    def _scan_key(self, context: ScanContext) -> str:
+        row = json.dumps(context.row, sort_keys=True, default=str)
+        return hashlib.sha256(f"{self.key}\n{row}".encode("utf-8", "surrogatepass")).hexdigest()
+
+    def done(self, context: ScanContext) -> bool:
+        path = self._path(context)
+        if not path.exists():
+            return False
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except (OSError, pa.ArrowException):  # unreadable: the scan is run again
+            return False
+        return meta.get(b"scan_key", b"").decode() == self._scan_key(context)
+
+    def write(self, context: ScanContext, status: Mapping[str, Any], rows: pd.DataFrame | None) -> None:
+        if rows is None or not len(rows):
+            rows = pd.DataFrame({"scan_id": pd.Series(dtype=str)})
+        write_table(rows, self._path(context), {"scan_key": self._scan_key(context),
+                                                "scan_status": json.dumps(dict(status), sort_keys=True)})
+
+    def read(self, context: ScanContext) -> tuple[dict[str, Any], pd.DataFrame]:
+        table = pq.read_table(self._path(context))
+        status = json.loads((table.schema.metadata or {})[b"scan_status"])
+        return status, table.to_pandas()
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            self.folder.parent.rmdir()  # partial/, when no other stage of the shard has records
+        except OSError:
+            pass
 
 
 # ----------------------------------------------------------------------------- cohort tables
@@ -240,7 +361,7 @@ _TEXT, _INT, _FLOAT, _FLOATS = pa.string(), pa.int64(), pa.float64(), pa.list_(p
 SCAN_TYPES: dict[str, pa.DataType] = {
     **{c: _TEXT for c in ("scan_id", "subject_id", "site", "visit", "series", "status", "failed_stage", "error",
                           "series_key", "series_uid", "series_description", "series_choice", "fov",
-                          "ingest_warnings", "level_flags")},
+                          "ingest_warnings", "level_flags", "gpu_model")},
     **{c: _INT for c in ("n_slices", "rows", "cols", "n_vertebrae", "n_discs", "grading_slices")},
     "pixel_spacing_mm": _FLOATS, "slice_spacing_mm": _FLOAT, "level_confidence": _FLOAT,
 }
@@ -259,6 +380,7 @@ def table_types(kind: str, columns: list[str]) -> dict[str, pa.DataType]:
         types.update({"polygons": _POLYGONS, "box_corners": _FLOATS})
     types.update({c: _FLOATS for c in columns if c.endswith("_probs")})
     types.update({c: _FLOAT for c in columns if c.startswith("seconds_")})
+    types.update({c: _TEXT for c in columns if c.startswith("device_")})
     return types
 
 
@@ -299,10 +421,18 @@ def cohort_scans(config: Mapping[str, Any], manifest_file: str | Path, n_shards:
     merged["failed_stage"] = ""
     merged["error"] = ""
     by_id = {sid: i for i, sid in enumerate(merged["scan_id"])}
+    gpus: dict[str, set[str]] = {}
     for stage in stages:
         table = pd.concat(status[stage], ignore_index=True) if status[stage] else pd.DataFrame(columns=STATUS_COLUMNS)
         seconds = dict(zip(table["scan_id"], table["seconds"]))
         merged[f"seconds_{stage}"] = [seconds.get(s, np.nan) for s in merged["scan_id"]]
+        if stage in MODEL_STAGES:  # where the stage's networks ran for each scan (none: "")
+            device = dict(zip(table["scan_id"], table["device"])) if "device" in table else {}
+            merged[f"device_{stage}"] = [device.get(s) or "" for s in merged["scan_id"]]
+            if "gpu_model" in table:
+                for scan_id, gpu in zip(table["scan_id"], table["gpu_model"]):
+                    if isinstance(gpu, str) and gpu:
+                        gpus.setdefault(scan_id, set()).add(gpu)
         outcome = dict(zip(table["scan_id"], zip(table["status"], table["error"])))
         for scan_id, index in by_id.items():
             if merged.at[index, "status"] != "ok":
@@ -319,6 +449,7 @@ def cohort_scans(config: Mapping[str, Any], manifest_file: str | Path, n_shards:
             index = by_id.get(scan_id)
             if index is not None and state != "ok" and merged.at[index, "status"] == "ok":
                 merged.loc[index, ["status", "failed_stage", "error"]] = ["failed", "qc", error]
+    merged["gpu_model"] = [";".join(sorted(gpus.get(s, ()))) for s in merged["scan_id"]]
     if ingest_rows:
         info = pd.concat(ingest_rows, ignore_index=True).drop_duplicates("scan_id")
         merged = merged.merge(info, on="scan_id", how="left")
@@ -328,8 +459,9 @@ def cohort_scans(config: Mapping[str, Any], manifest_file: str | Path, n_shards:
     # the ingest columns beyond the contract's are there even when no scan was ingested, so every
     # run's table has the same columns
     for column in columns + ["series_choice", "ingest_warnings"]:
-        if column not in merged.columns:
-            merged[column] = np.nan if column.startswith("n_") or column == "grading_slices" else ""
+        if column not in merged.columns:  # no scan was ingested: blank cells of the column's type
+            kind = SCAN_TYPES.get(column, _TEXT)
+            merged[column] = "" if kind == _TEXT else (None if kind == _FLOATS else np.nan)
     extra = [c for c in merged.columns if c not in columns and c != "series_uid"]
     return merged[columns + extra]
 
@@ -487,31 +619,38 @@ def _disc_stage(stages: list[str]) -> str | None:
     return next((s for s in ("grade", "extract_discs") if s in stages), None)
 
 
-def render_shard_qc(config: Mapping[str, Any], manifest_file: str | Path, shard: int) -> list[Path]:
-    """QC pictures for every ingested scan of a shard, from the latest vertebra and disc rows.
+def render_shard_qc(config: Mapping[str, Any], manifest_file: str | Path, shard: int,
+                    rows: pd.DataFrame | None = None) -> list[Path]:
+    """The shard's last job: QC pictures (config ``qc``) for every ingested scan of a shard, from
+    the latest vertebra and disc rows, then the removal of the shard's stored series unless
+    config ``keep_intermediates`` (every stage that reads them has run).
 
     A picture that cannot be drawn fails its scan (``qc.status.parquet``, read by the cohort
-    tables), never the job: the tables wait on every shard's QC."""
+    tables), never the job: the tables wait on every shard's QC. ``rows`` as for
+    :func:`run_shard_stage`."""
     from .qc import render_qc
 
     outdir = Path(config["outdir"])
     here = shard_dir(outdir, shard)
     stages = stage_order()
-    rows = shard_rows(read_manifest(manifest_file), shard, int(config["shard_size"]))
+    if rows is None:
+        rows = shard_rows(read_manifest(manifest_file), shard, int(config["shard_size"]))
+    ingested = _read_optional(here / "ingest.status.parquet")
+    ok = set(ingested.loc[ingested["status"] == "ok", "scan_id"]) if ingested is not None else set()
     vertebra_stage, disc_stage = _vertebra_stage(stages), _disc_stage(stages)
     vertebrae = _read_optional(here / f"{vertebra_stage}.parquet") if vertebra_stage else None
     discs = _read_optional(here / f"{disc_stage}.parquet") if disc_stage else None
     written, statuses = [], []
-    for scan_id in rows["scan_id"]:
-        path = series_path(outdir / "work", scan_id)
-        if not path.exists():
+    for _, row in rows.iterrows() if config.get("qc", True) else ():
+        scan_id = row["scan_id"]
+        if scan_id not in ok and not series_path(outdir / "work", scan_id).exists():
             continue
         started = time.perf_counter()
         target = outdir / "report" / "qc" / f"{scan_id}.png"
         try:
             mine_v = vertebrae[vertebrae["scan_id"] == scan_id] if vertebrae is not None and len(vertebrae) else None
             mine_d = discs[discs["scan_id"] == scan_id] if discs is not None and len(discs) else None
-            render_qc(ingest_mod.load_series(path), mine_v, mine_d, target, title=scan_id)
+            render_qc(scan_series(outdir / "work", row.to_dict()), mine_v, mine_d, target, title=scan_id)
         except Exception as error:  # noqa: BLE001 - one bad scan never stops the shard
             log.warning("%s", _format_error("qc", scan_id, error))
             statuses.append({"scan_id": scan_id, "status": "failed", "error": _format_error("qc", scan_id, error),
@@ -520,6 +659,9 @@ def render_shard_qc(config: Mapping[str, Any], manifest_file: str | Path, shard:
         statuses.append({"scan_id": scan_id, "status": "ok", "error": "", "seconds": time.perf_counter() - started})
         written.append(target)
     write_table(pd.DataFrame(statuses, columns=STATUS_COLUMNS), here / "qc.status.parquet", make_provenance(config))
+    if not config.get("keep_intermediates", False):
+        freed = remove_intermediates(outdir, list(rows["scan_id"]))
+        log.info("removed the shard's stored series (%.1f MB); keep_intermediates: true keeps them", freed / 1e6)
     return written
 
 
@@ -527,11 +669,15 @@ def run_in_process(config: Mapping[str, Any], manifest_file: str | Path, created
     """Every stage over every shard in this process (``spinecohort predict`` and tests)."""
     from .manifest import n_shards
 
+    from .manifest import write_shard_manifest
+
     count = n_shards(len(read_manifest(manifest_file)), int(config["shard_size"]))
+    for shard in range(count):  # as the Snakemake run lays out work/ (the ingest job writes them)
+        write_shard_manifest(manifest_file, shard, int(config["shard_size"]),
+                             shard_dir(config["outdir"], shard) / "manifest.csv")
     for stage in stage_order():
         for shard in range(count):
             run_shard_stage(stage, config, manifest_file, shard, created_by)
-    if config.get("qc", True):
-        for shard in range(count):
-            render_shard_qc(config, manifest_file, shard)
+    for shard in range(count):  # QC pictures (config qc) and the end of the shard's intermediates
+        render_shard_qc(config, manifest_file, shard)
     return write_cohort_tables(config, manifest_file, count, created_by=created_by)

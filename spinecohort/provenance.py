@@ -30,7 +30,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 # Execution-only keys: where and how fast a run happens does not change its results.
-EXECUTION_KEYS = ("outdir", "threads", "shard_size")
+EXECUTION_KEYS = ("outdir", "threads", "shard_size", "keep_intermediates")
 # Keys only `snakemake train_grader` reads: they change none of the cohort's tables, so they are
 # not part of config_sha256 (the training outputs record them in their own metadata).
 TRAINING_KEYS = ("grader_training",)

@@ -761,6 +761,26 @@ def _provenance_rows(provenance: Mapping[str, Any] | None) -> tuple[list, list, 
 # --------------------------------------------------------------------------- entry point
 
 
+def device_hours(scans: pd.DataFrame | None) -> list[dict[str, str]]:
+    """Per stage and device, the scans and the hours of per-scan processing (the ``seconds_<stage>``
+    of ``tables/scans.parquet``; model loading is not counted). A stage without a ``device_<stage>``
+    column ran no network: its time is CPU time."""
+    if scans is None or not len(scans):
+        return []
+    gpu = scans["gpu_model"].fillna("").astype(str) if "gpu_model" in scans else pd.Series("", index=scans.index)
+    rows = []
+    for column in [c for c in scans.columns if c.startswith("seconds_")]:
+        stage = column.removeprefix("seconds_")
+        seconds = pd.to_numeric(scans[column], errors="coerce")
+        device = scans[f"device_{stage}"].fillna("").astype(str) if f"device_{stage}" in scans else pd.Series("cpu", index=scans.index)
+        device = device.where(device != "", "cpu")
+        label = device.where(~device.str.startswith("cuda") | (gpu == ""), device + " (" + gpu + ")")
+        for name in sorted(label[seconds.notna()].unique()):
+            mine = seconds[(label == name) & seconds.notna()]
+            rows.append({"stage": stage, "device": name, "scans": str(len(mine)), "hours": f"{mine.sum() / 3600:.3f}"})
+    return rows
+
+
 def render_report(
     out_html: str | Path,
     *,
@@ -822,6 +842,7 @@ def render_report(
         "version": (provenance or {}).get("pipeline_version", __version__),
         "notes": notes,
         "summary": _cohort_summary(scans, discs),
+        "device_hours": device_hours(scans),
         "failures": _failures(scans),
         "warnings": [str(w) for w in (warnings or [])],
         "labels_configured": agreement is not None,

@@ -86,14 +86,18 @@ def _boxes(frame: pd.DataFrame, measures, title: str) -> str | None:
     return _png(fig)
 
 
-def fracture_crop(series_file: str | Path, polygons: Any, slice_index: int, title: str, margin_mm: float = 25.0) -> str | None:
-    """A PNG data URI: the measured slice around one body with its corner landmarks."""
-    from .ingest import load_series
+def fracture_crop(series_file: Any, polygons: Any, slice_index: int, title: str, margin_mm: float = 25.0) -> str | None:
+    """A PNG data URI: the measured slice around one body with its corner landmarks.
+    ``series_file``: a stored series (path) or the :class:`~spinecohort.ingest.Series` itself."""
+    from .ingest import Series, load_series
 
-    path = Path(series_file)
-    if not path.exists():
-        return None
-    series = load_series(path)
+    if isinstance(series_file, Series):
+        series = series_file
+    else:
+        path = Path(series_file)
+        if not path.exists():
+            return None
+        series = load_series(path)
     polys = polygons_of(polygons)
     if slice_index not in polys or not 0 <= slice_index < series.volume.shape[0]:
         return None
@@ -120,9 +124,11 @@ def fracture_crop(series_file: str | Path, polygons: Any, slice_index: int, titl
 
 
 def morphometry_context(morphometry: pd.DataFrame | None, change: pd.DataFrame | None = None,
-                        vertebrae: pd.DataFrame | None = None, series_dir: str | Path | None = None) -> dict[str, Any] | None:
+                        vertebrae: pd.DataFrame | None = None, series_dir: str | Path | None = None,
+                        series_of: Any = None) -> dict[str, Any] | None:
     """Template context; None when the cohort has no morphometry rows. ``vertebrae`` and
-    ``series_dir`` (the ingested series, ``work/series``) give the fracture crops."""
+    ``series_dir`` (the ingested series, ``work/series``) give the fracture crops; ``series_of``
+    (scan_id -> Series), when given, is used instead (intermediates removed: the scan re-read)."""
     if morphometry is None or not len(morphometry):
         return None
     m = morphometry
@@ -138,12 +144,14 @@ def morphometry_context(morphometry: pd.DataFrame | None, change: pd.DataFrame |
     fractures = []
     for i, r in enumerate(flagged.itertuples(index=False)):
         crop = None
-        if i < MAX_CROPS and series_dir is not None and pd.notna(r.slice) and pd.notna(r.vertebra_id):
+        if i < MAX_CROPS and (series_dir is not None or series_of is not None) and pd.notna(r.slice) \
+                and pd.notna(r.vertebra_id):
             key = (r.scan_id, int(r.vertebra_id))
             if key in polys:
                 try:
-                    crop = fracture_crop(Path(series_dir) / f"{r.scan_id}.npz", polys[key], int(r.slice),
-                                         f"{r.scan_id} {r.level} grade {int(r.genant_grade)}")
+                    source = series_of(r.scan_id) if series_of is not None else Path(series_dir) / f"{r.scan_id}.npz"
+                    crop = None if source is None else fracture_crop(
+                        source, polys[key], int(r.slice), f"{r.scan_id} {r.level} grade {int(r.genant_grade)}")
                 except (OSError, ValueError, KeyError):  # a missing/odd series costs the crop only
                     crop = None
         fractures.append({"scan_id": r.scan_id, "level": r.level, "grade": int(r.genant_grade),

@@ -10,9 +10,29 @@ import pandas as pd
 from .provenance import read_provenance
 
 
+def _series_source(outdir: Path, manifest: str | Path | None):
+    """scan_id -> its series for the fracture crops: the stored one, or the scan re-read where
+    the shard's intermediates were removed (config keep_intermediates: false)."""
+    if manifest is None:
+        return None
+    from .manifest import read_manifest
+    from .pipeline import scan_series
+
+    rows = {row["scan_id"]: row for row in read_manifest(manifest).to_dict("records")}
+
+    def series_of(scan_id: str):
+        try:
+            return scan_series(outdir / "work", rows[scan_id])
+        except Exception:  # noqa: BLE001 - a scan that cannot be re-read costs its crop only
+            return None
+
+    return series_of
+
+
 def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | Path, agreement: str | Path | None,
                  labels: str | Path | None, out: str | Path, morphometry: str | Path | None = None,
-                 change: str | Path | None = None, vertebrae: str | Path | None = None) -> None:
+                 change: str | Path | None = None, vertebrae: str | Path | None = None,
+                 manifest: str | Path | None = None) -> None:
     from .report import input_warnings, render_report
     from .report_morphometry import morphometry_context
     from .stats import _read_table
@@ -29,7 +49,7 @@ def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | P
         pd.read_parquet(morphometry) if morphometry and Path(morphometry).exists() else None,
         pd.read_parquet(change) if change and Path(change).exists() else None,
         pd.read_parquet(vertebrae) if vertebrae and Path(vertebrae).exists() else None,
-        outdir / "work" / "series")
+        outdir / "work" / "series", series_of=_series_source(outdir, manifest))
     provenance = read_provenance(discs)
     from .shipped import training_records
 

@@ -2,6 +2,7 @@
 stage module's results into the contract's table rows."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,14 +15,40 @@ from .provenance import sha256_file
 from .shipped import default_model
 
 
+class DeviceError(RuntimeError):
+    """config ``device: cuda`` where no CUDA GPU can be used: the job stops rather than run on the CPU."""
+
+
 def torch_device(config: Mapping[str, Any]) -> str:
+    """The torch device of a model stage: ``auto`` is CUDA when torch sees a GPU, else the CPU;
+    ``cuda`` without a usable GPU raises :class:`DeviceError` naming why (a GPU run that silently
+    fell back to the CPU would take days and go unnoticed)."""
     import torch
 
     torch.set_num_threads(int(config.get("threads", 2)))
     wanted = config.get("device", "auto")
     if wanted == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            why = f"this torch ({torch.__version__}) is a CPU-only build"
+        else:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            why = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU"
+                   + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+                   + ": no GPU on this node, no GPU given to the job, or a driver problem")
+        raise DeviceError(f"config device: cuda, but CUDA is not available: {why}. Run on a GPU node "
+                          "(profiles/slurm-gpu asks SLURM for one), or set device: auto or cpu.")
     return wanted
+
+
+def gpu_name(device: str) -> str:
+    """The GPU model a device string runs on (torch's name for it), "" for the CPU."""
+    if not device.startswith("cuda"):
+        return ""
+    import torch
+
+    return str(torch.cuda.get_device_name(torch.device(device)))
 
 
 # ----------------------------------------------------------------------------- orientation
@@ -109,6 +136,7 @@ class DetectStage(Stage):
         from .detect import Detector
 
         self.device = torch_device(config)
+        self.gpu_model = gpu_name(self.device)
         family = config["models"]["family"]
         if family == "spinenet-official":
             from .nets.checkpoints import load_official_folder
@@ -148,6 +176,7 @@ class LabelStage(Stage):
         from .label import Labeller
 
         self.device = torch_device(config)
+        self.gpu_model = gpu_name(self.device)
         if config["models"]["family"] == "spinenet-official":
             from .nets.checkpoints import load_official_folder
 
@@ -239,6 +268,7 @@ class GradeStage(Stage):
         from .grade import Grader
 
         self.device = torch_device(config)
+        self.gpu_model = gpu_name(self.device)
         if config["models"]["family"] == "spinenet-official":
             from .nets.checkpoints import load_official_folder
 
@@ -261,6 +291,10 @@ class GradeStage(Stage):
 
     def models(self) -> dict[str, str]:
         return dict(self._models)
+
+    def resumed(self, rows: pd.DataFrame) -> None:
+        # the shard's report examples went to its first discs, already graded by the interrupted run
+        self._examples_left = max(0, self._examples_left - len(rows))
 
     def run_scan(self, scan: ScanContext) -> pd.DataFrame:
         from .discs import load_ivvs

@@ -169,17 +169,23 @@ def test_gpu_profile_asks_for_gpus_only_for_model_stages(tmp_path):
     assert int(option(retry, "-t")) == 2 * int(option(first, "-t"))
     sbatch = {submitted_rule(job["args"]): job["args"] for job in jobs if job["state"] == "COMPLETED"}
     stages = stage_order()
-    assert sorted(sbatch) == sorted([*stages, "qc", "cohort_tables"]), sbatch.keys()
-    assert len(jobs) == len(sbatch) + 1
     profile = yaml.safe_load((REPO / "profiles" / "slurm-gpu" / "config.yaml").read_text())
+    # A shard's model stages are one group job (`groups` in the profile), named after its rules.
+    grouped = sorted(rule for rule, group in profile["groups"].items() if group == "models" and rule in stages)
+    members = {rule: [rule] for rule in [*stages, "qc", "cohort_tables"] if rule not in grouped}
+    members["_".join(["models", *grouped])] = grouped
+    assert sorted(sbatch) == sorted(members), sbatch.keys()
+    assert len(jobs) == len(sbatch) + 1
     for rule, args in sbatch.items():
         line = " ".join(args)
         attempt = 2 if rule == "ingest" else 1
+        resources = [profile["set-resources"][r] for r in members[rule]]
         assert option(args, "-A") == "proj1", line
-        assert option(args, "--mem") == str(eval(profile["set-resources"][rule]["mem_mb"], {"attempt": attempt})), line
-        assert option(args, "-t") == str(eval(profile["set-resources"][rule]["runtime"], {"attempt": attempt})), line
-        assert f"--cpus-per-task={profile['set-threads'][rule]}" in args, line
-        if rule in GPU_RULES:
+        # a group job: the most memory and CPUs any of its rules needs, their times added up
+        assert option(args, "--mem") == str(max(eval(r["mem_mb"], {"attempt": attempt}) for r in resources)), line
+        assert option(args, "-t") == str(sum(eval(r["runtime"], {"attempt": attempt}) for r in resources)), line
+        assert f"--cpus-per-task={max(profile['set-threads'][r] for r in members[rule])}" in args, line
+        if GPU_RULES & set(members[rule]):
             assert "--gpus=1" in args and option(args, "-p") == "gpu", line
         else:
             assert not any(a.startswith(("--gpu", "--gres", "--gpus-per", "--cpus-per-gpu")) for a in args), line

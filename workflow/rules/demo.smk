@@ -6,13 +6,16 @@ if DEMO:
             manifest=MANIFEST,
             labels=str(demo_paths(CFG)["labels"]),
             truth=str(demo_paths(CFG)["truth"]),
-        params:
-            n_scans=CFG["demo"]["n_scans"],
-            seed=CFG["demo"]["seed"],
-            root=str(demo_paths(CFG)["root"]),
         log:
             f"{OUT}/logs/demo_cohort.log",
         conda:
             "../../envs/spinecohort.yaml"
+        container:
+            CONTAINER
+        params:
+            n_scans=CFG["demo"]["n_scans"],
+            seed=CFG["demo"]["seed"],
+            # the cohort folder is the one the manifest is written to
+            root=lambda wildcards, output: str(Path(output.manifest).parent),
         script:
             "../../scripts/demo_cohort.py"

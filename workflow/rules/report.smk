@@ -7,14 +7,16 @@ if LABELS is not None:
         output:
             agreement=f"{OUT}/tables/agreement.parquet",
             confusion=f"{OUT}/tables/confusion.parquet",
-        params:
-            bootstrap=CFG["agreement"]["bootstrap"],
-            seed=CFG["agreement"]["seed"],
-            reading_schemes=CFG["reading_schemes"],
         log:
             f"{OUT}/logs/agreement.log",
         conda:
             "../../envs/spinecohort.yaml"
+        container:
+            CONTAINER
+        params:
+            bootstrap=CFG["agreement"]["bootstrap"],
+            seed=CFG["agreement"]["seed"],
+            reading_schemes=CFG["reading_schemes"],
         script:
             "../../scripts/agreement.py"
 
@@ -22,6 +24,8 @@ if LABELS is not None:
 rule report:
     input:
         scans=f"{OUT}/tables/scans.parquet",
+        # where each scan is: fracture crops re-read a scan whose intermediates were removed
+        manifest=MANIFEST,
         discs=f"{OUT}/tables/discs.parquet",
         vertebrae=f"{OUT}/tables/vertebrae.parquet",
         morphometry=f"{OUT}/tables/morphometry.parquet",
@@ -30,11 +34,13 @@ rule report:
         labels=[str(LABELS)] if LABELS is not None else [],
     output:
         f"{OUT}/report/validation.html",
-    params:
-        config=PIPELINE_CFG,
     log:
         f"{OUT}/logs/report.log",
     conda:
         "../../envs/spinecohort.yaml"
+    container:
+        CONTAINER
+    params:
+        config=PIPELINE_CFG,
     script:
         "../../scripts/report.py"

@@ -5,7 +5,6 @@
 # patient-level k-fold cross-validation with out-of-fold predictions in the discs-table layout,
 # their agreement with the readers (the agreement stage's code) and, with grader_training: final,
 # one model trained on every labelled disc with its model card. Settings: config grader_training.
-from snakemake.exceptions import WorkflowError
 from spinecohort.training.grader import CV_DIR, IVV_STAGE, init_weights_path
 
 GT = CFG["grader_training"]
@@ -13,24 +12,23 @@ CV = f"{OUT}/{CV_DIR}"
 GRADER_INIT = init_weights_path(GT["init_weights"])
 # Each training rule sees only the settings it uses, so that changing one (e.g. final) does not
 # re-run the others (Snakemake re-runs a job whose params changed).
-CV_CFG = {**PIPELINE_CFG, "grader_training": {k: v for k, v in GT.items() if k != "final"}}
-FINAL_CFG = {**PIPELINE_CFG, "grader_training": {k: v for k, v in GT.items() if k not in ("final", "k")}}
-
-
-def training_labels(wildcards):
-    if LABELS is None:
-        raise WorkflowError(
-            "train_grader needs radiologist labels: give the labels CSV (scan_id, level, <task columns>, "
-            "optional reader) with --config labels=reads.csv"
-        )
-    return str(LABELS)
+CV_CFG = {
+    **PIPELINE_CFG,
+    "grader_training": {k: v for k, v in GT.items() if k != "final"},
+}
+FINAL_CFG = {
+    **PIPELINE_CFG,
+    "grader_training": {k: v for k, v in GT.items() if k not in ("final", "k")},
+}
 
 
 rule train_grader:
     input:
         f"{CV}/agreement.parquet",
         f"{CV}/confusion.parquet",
-        [f"{CV}/grader.pt", f"{CV}/grader.json", f"{CV}/grader.md"] if GT["final"] else [],
+        [f"{CV}/grader.pt", f"{CV}/grader.json", f"{CV}/grader.md"]
+        if GT["final"]
+        else [],
 
 
 rule grader_ivv_table:
@@ -41,14 +39,17 @@ rule grader_ivv_table:
     output:
         table=f"{CV}/ivv_table.parquet",
         missing=f"{CV}/missing_discs.csv",
-    params:
-        outdir=OUT,
-        n_shards=len(SHARDS),
-        readers=GT["readers"],
     log:
         f"{OUT}/logs/grader_ivv_table.log",
     conda:
         "../../envs/spinecohort.yaml"
+    container:
+        CONTAINER
+    params:
+        # <outdir>/work/shards/<shard>/extract_discs.status.parquet
+        outdir=lambda wildcards, input: str(Path(input.extracted[0]).parents[3]),
+        n_shards=len(SHARDS),
+        readers=GT["readers"],
     script:
         "../../scripts/grader_ivv_table.py"
 
@@ -63,13 +64,15 @@ rule grader_cv:
         # a folder, not one file per fold: a rule's output list must not depend on k, or Snakemake
         # would not re-run the CV when k changes
         folds=directory(f"{CV}/folds"),
-    params:
-        config=CV_CFG,
     log:
         f"{OUT}/logs/grader_cv.log",
-    threads: CFG["threads"]
     conda:
         "../../envs/spinecohort.yaml"
+    container:
+        CONTAINER
+    threads: CFG["threads"]
+    params:
+        config=CV_CFG,
     script:
         "../../scripts/grader_cv.py"
 
@@ -81,14 +84,16 @@ rule grader_cv_agreement:
     output:
         agreement=f"{CV}/agreement.parquet",
         confusion=f"{CV}/confusion.parquet",
-    params:
-        bootstrap=CFG["agreement"]["bootstrap"],
-        seed=CFG["agreement"]["seed"],
-        reading_schemes=CFG["reading_schemes"],
     log:
         f"{OUT}/logs/grader_cv_agreement.log",
     conda:
         "../../envs/spinecohort.yaml"
+    container:
+        CONTAINER
+    params:
+        bootstrap=CFG["agreement"]["bootstrap"],
+        seed=CFG["agreement"]["seed"],
+        reading_schemes=CFG["reading_schemes"],
     script:
         "../../scripts/agreement.py"
 
@@ -100,13 +105,15 @@ rule grader_final:
         init=[str(GRADER_INIT)] if GRADER_INIT is not None else [],
     output:
         weights=f"{CV}/grader.pt",
-    params:
-        config=FINAL_CFG,
     log:
         f"{OUT}/logs/grader_final.log",
-    threads: CFG["threads"]
     conda:
         "../../envs/spinecohort.yaml"
+    container:
+        CONTAINER
+    threads: CFG["threads"]
+    params:
+        config=FINAL_CFG,
     script:
         "../../scripts/grader_final.py"
 
@@ -121,11 +128,13 @@ rule grader_card:
     output:
         json=f"{CV}/grader.json",
         md=f"{CV}/grader.md",
-    params:
-        config=CFG,
     log:
         f"{OUT}/logs/grader_card.log",
     conda:
         "../../envs/spinecohort.yaml"
+    container:
+        CONTAINER
+    params:
+        config=CFG,
     script:
         "../../scripts/grader_card.py"
