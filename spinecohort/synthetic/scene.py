@@ -63,7 +63,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .tasks import LEVELS, TASKS, disc_name
+from ..tasks import LEVELS, TASKS, disc_name
 
 __all__ = [
     "SyntheticVertebra",
