@@ -5,7 +5,7 @@
 # patient-level k-fold cross-validation with out-of-fold predictions in the discs-table layout,
 # their agreement with the readers (the agreement stage's code) and, with grader_training: final,
 # one model trained on every labelled disc with its model card. Settings: config grader_training.
-from spinecohort.training.grader import CV_DIR, IVV_STAGE, init_weights_path
+from spinecohort.training.grader_rules import CV_DIR, IVV_STAGE, init_weights_path
 
 GT = CFG["grader_training"]
 CV = f"{OUT}/{CV_DIR}"

@@ -14,8 +14,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ...shipped import default_model_path
 from ...tasks import TASKS
+from ..grader_rules import CV_DIR, IVV_STAGE, init_weights_path
 from .cv import cross_validate, init_arch, load_init_state
 from .recipe import TrainConfig, fit, load_ivv_arrays, make_targets, read_frame
 
@@ -34,20 +34,8 @@ __all__ = [
 
 log_ = logging.getLogger("spinecohort.training.grader")
 
-CV_DIR = "grader_cv"
-IVV_STAGE = "extract_discs"  # the stage whose rows and IVV files (work/ivv/<scan_id>.npz) are used
 IVV_TABLE_COLUMNS = ["scan_id", "subject_id", "site", "level", "path", "upper_vertebra_id", "lower_vertebra_id",
                      "centre_slice", "centre_row", "centre_col"]
-
-
-def init_weights_path(value: str | None) -> Path | None:
-    """``grader_training: init_weights``: ``shipped`` -> the checkout's default grader,
-    ``scratch`` (or None) -> None (random initialisation), anything else -> that path."""
-    if value is None or value == "scratch":
-        return None
-    if value == "shipped":
-        return default_model_path("grader")
-    return Path(value)
 
 
 def train_config(config: Mapping[str, Any]) -> TrainConfig:
