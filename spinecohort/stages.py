@@ -11,8 +11,7 @@ import pandas as pd
 
 from .ingest import Series
 from .pipeline import ScanContext, Stage, register_stage
-from .provenance import sha256_file
-from .shipped import default_model
+from .models import load_models
 
 
 class DeviceError(RuntimeError):
@@ -133,22 +132,11 @@ class DetectStage(Stage):
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        from .detect import Detector
-
         self.device = torch_device(config)
         self.gpu_model = gpu_name(self.device)
-        family = config["models"]["family"]
-        if family == "spinenet-official":
-            from .nets.checkpoints import load_official_folder
-
-            loaded = load_official_folder(config["models"]["dir"], names=["detector"],
-                                          precision=config["models"]["precision"])
-            self.detector = Detector.official(loaded.networks["detector"], device=self.device)
-            self._models = loaded.provenance()
-        else:
-            path = default_model("detector")
-            self.detector = Detector.load(path, device=self.device)
-            self._models = {path.stem: sha256_file(path)}
+        loaded = load_models(config, ["detector"], self.device)
+        self.detector = loaded["detector"]
+        self._models = loaded.provenance
 
     def models(self) -> dict[str, str]:
         return dict(self._models)
@@ -173,21 +161,11 @@ class LabelStage(Stage):
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        from .label import Labeller
-
         self.device = torch_device(config)
         self.gpu_model = gpu_name(self.device)
-        if config["models"]["family"] == "spinenet-official":
-            from .nets.checkpoints import load_official_folder
-
-            loaded = load_official_folder(config["models"]["dir"], names=["appearance", "context"],
-                                          precision=config["models"]["precision"])
-            self.labeller = Labeller.official(loaded.networks["appearance"], loaded.networks["context"], device=self.device)
-            self._models = loaded.provenance()
-        else:
-            paths = [default_model("appearance"), default_model("context")]
-            self.labeller = Labeller.load(*paths, device=self.device)
-            self._models = {p.stem: sha256_file(p) for p in paths}
+        loaded = load_models(config, ["labeller"], self.device)
+        self.labeller = loaded["labeller"]
+        self._models = loaded.provenance
 
     def models(self) -> dict[str, str]:
         return dict(self._models)
@@ -265,28 +243,12 @@ class GradeStage(Stage):
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        from .grade import Grader
-
         self.device = torch_device(config)
         self.gpu_model = gpu_name(self.device)
-        if config["models"]["family"] == "spinenet-official":
-            from .nets.checkpoints import load_official_folder
-
-            loaded = load_official_folder(config["models"]["dir"], names=["grading"],
-                                          precision=config["models"]["precision"])
-            self.grader = Grader.official(loaded.networks["grading"], device=self.device)
-            self.model_id = loaded.model_ids["grading"]
-            self._models = loaded.provenance()
-        else:
-            custom = config["models"].get("grader")
-            path = Path(custom) if custom else default_model("grader")
-            if not path.is_file():
-                raise FileNotFoundError(f"models.grader: grader checkpoint not found: {path}")
-            self.grader = Grader.load(path, device=self.device)
-            # a team's own grader (e.g. `snakemake train_grader`'s grader.pt) is named apart
-            # from the shipped default; its sha256 pins the exact file
-            self.model_id = f"custom/{path.name}" if custom else path.stem
-            self._models = {self.model_id: sha256_file(path)}
+        loaded = load_models(config, ["grader"], self.device)
+        self.grader = loaded["grader"]
+        self.model_id = loaded.model_ids["grader"][0]  # the discs table's model_id column
+        self._models = loaded.provenance
         self._examples_left = self.REPORT_EXAMPLES_PER_SHARD
 
     def models(self) -> dict[str, str]:
