@@ -33,7 +33,7 @@ def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | P
                  labels: str | Path | None, out: str | Path, morphometry: str | Path | None = None,
                  change: str | Path | None = None, vertebrae: str | Path | None = None,
                  manifest: str | Path | None = None) -> None:
-    from .report import input_warnings, render_report
+    from .report.validation import input_warnings, render_report
     from .report_morphometry import morphometry_context
     from .stats import _read_table
 

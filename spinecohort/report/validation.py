@@ -34,11 +34,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from jinja2 import Environment, FileSystemLoader, select_autoescape  # noqa: E402
 
-from . import __version__  # noqa: E402
-from .provenance import atomic_write_bytes  # noqa: E402
-from .tasks import CCS_BINARY, TASK_BY_NAME, TASKS, disc_levels  # noqa: E402
+from .. import __version__  # noqa: E402
+from ..provenance import atomic_write_bytes  # noqa: E402
+from ..tasks import CCS_BINARY, TASK_BY_NAME, TASKS, disc_levels  # noqa: E402
 
-TEMPLATE_DIR = Path(__file__).parent / "templates"
+TEMPLATE_DIR = Path(__file__).parent.parent / "templates"  # spinecohort/templates
 TEMPLATE = "validation.html.j2"
 
 ANALYTIC_METHODS = ("analytic_kappa_se", "fisher_z")
@@ -175,7 +175,7 @@ def _label_columns(labels: pd.DataFrame | None, discs: pd.DataFrame | None,
                    reading_schemes: Mapping[str, Any] | None) -> list[dict[str, str]]:
     if labels is None:
         return []
-    from .schemes import label_columns, parse_reading_schemes
+    from ..schemes import label_columns, parse_reading_schemes
 
     return label_columns(labels.columns, None if discs is None else discs.columns,
                          parse_reading_schemes(reading_schemes))
@@ -306,7 +306,7 @@ def _failures(scans: pd.DataFrame | None, limit: int = 500) -> dict[str, Any]:
 def input_warnings(scans: pd.DataFrame | None, labels: pd.DataFrame | None, limit: int = 200) -> list[str]:
     """Counted warnings about the input: each scan's ingest warnings (files ignored, slices missing,
     non-MR modality, ...) and what the labels hold that the agreement cannot use."""
-    from .stats import label_warnings
+    from ..stats import label_warnings
 
     out: list[str] = []
     if scans is not None and "ingest_warnings" in scans.columns:
@@ -828,7 +828,7 @@ def render_report(
             models = json.loads(raw) if isinstance(raw, str) else dict(raw or {})
         except ValueError:
             models = {}
-        from .shipped import training_records
+        from ..shipped import training_records
 
         training = training_records(models)
 
