@@ -807,7 +807,7 @@ def render_report(
     ``qc_images`` maps scan_id to a PNG/JPEG path; at most ``max_thumbnails`` are embedded.
     ``warnings``: counted input warnings (:func:`input_warnings`), listed in their own section.
     ``morphometry``: the morphometry/change sections' context
-    (:func:`spinecohort.report_morphometry.morphometry_context`); None omits them.
+    (:func:`spinecohort.report.morphometry.morphometry_context`); None omits them.
     ``training``: what each model was trained on (:func:`spinecohort.shipped.training_records`);
     ``None`` derives it from the ``models`` provenance. ``reading_schemes``: the config's, to
     list how each labels column was read (``None``: the shipped defaults).
