@@ -4,6 +4,8 @@
   (:func:`build_report`, run by :func:`spinecohort.entry.report`).
 - :mod:`.validation`: context assembly and rendering of ``templates/validation.html.j2``
   (:func:`render_report`).
+- :mod:`.agreement`: the agreement section (tables, forest and per-level plots, confusion matrices).
+- :mod:`.formatting`: numbers, cells, figures as data URIs, task/level order, colours.
 - :mod:`.morphometry`: the morphometry and change sections (``templates/morphometry.html.j2``).
 
 The names below are re-exported for callers outside the package (tests, older imports); code
@@ -13,13 +15,12 @@ from __future__ import annotations
 
 from .morphometry import change_context, fracture_crop, morphometry_context
 from .stage import build_report
+from .formatting import fmt, fmt_ci
 from .validation import (
     TEMPLATE,
     TEMPLATE_DIR,
     device_hours,
     flagged_level_scans,
-    fmt,
-    fmt_ci,
     input_warnings,
     render_report,
 )
