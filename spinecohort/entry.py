@@ -59,7 +59,7 @@ def cohort_tables(smk: Any) -> None:
 
 
 def report(smk: Any) -> None:
-    from .report_stage import build_report
+    from .report.stage import build_report
 
     with _job_logging(smk):
         build_report(smk.params.config, scans=smk.input.scans, discs=smk.input.discs,

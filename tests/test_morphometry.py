@@ -213,7 +213,7 @@ def test_failed_scans_and_bad_spacing_keep_fixed_dtypes():
 def test_report_sections_with_fracture_crop_and_change(tmp_path):
     from spinecohort.ingest import Series, save_series
     from spinecohort.report import render_report
-    from spinecohort.report_morphometry import morphometry_context
+    from spinecohort.report import morphometry_context
 
     scans = scans_frame([("p1", "v1"), ("p1", "v2")], dates=["2020-01-01", "2020-07-01"])
     bottom_l2 = 400.0 - 4 * 35.0

@@ -34,7 +34,7 @@ from spinecohort.dicom_writer import SeriesHeader, write_series
 from spinecohort.nets.checkpoints import SUBFOLDERS, sha256_file, write_recipe_folder
 from spinecohort.pipeline import SCAN_COLUMNS, run_in_process, stage_order
 from spinecohort.provenance import read_provenance
-from spinecohort.report_stage import build_report
+from spinecohort.report import build_report
 from spinecohort.stats import run_agreement
 from spinecohort.tasks import LEVELS, TASK_NAMES, TASKS, disc_name
 

@@ -13,7 +13,7 @@ from .agreement import AGREEMENT_COLUMNS, CONFUSION_COLUMNS, compute_agreement, 
 from .cli import agreement_cli
 from .io import (
     LABEL_KEY_COLUMNS,
-    _read_table,  # report_stage reads its inputs with it
+    _read_table,  # report.stage reads its inputs with it
     default_confusion_path,
     label_warnings,
     run_agreement,

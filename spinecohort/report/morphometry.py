@@ -18,8 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .morphometry import polygons_of  # noqa: E402
-from .tasks import LEVEL_INDEX  # noqa: E402
+from ..morphometry import polygons_of  # noqa: E402
+from ..tasks import LEVEL_INDEX  # noqa: E402
 
 BODY_MEASURES = (("height_anterior_mm", "Ha (mm)"), ("height_middle_mm", "Hm (mm)"),
                  ("height_posterior_mm", "Hp (mm)"), ("depth_mm", "depth (mm)"), ("wedge_ratio", "Ha/Hp"))
@@ -89,7 +89,7 @@ def _boxes(frame: pd.DataFrame, measures, title: str) -> str | None:
 def fracture_crop(series_file: Any, polygons: Any, slice_index: int, title: str, margin_mm: float = 25.0) -> str | None:
     """A PNG data URI: the measured slice around one body with its corner landmarks.
     ``series_file``: a stored series (path) or the :class:`~spinecohort.ingest.Series` itself."""
-    from .ingest import Series, load_series
+    from ..ingest import Series, load_series
 
     if isinstance(series_file, Series):
         series = series_file

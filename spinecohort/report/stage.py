@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from .provenance import read_provenance
+from ..provenance import read_provenance
 
 
 def _series_source(outdir: Path, manifest: str | Path | None):
@@ -15,8 +15,8 @@ def _series_source(outdir: Path, manifest: str | Path | None):
     the shard's intermediates were removed (config keep_intermediates: false)."""
     if manifest is None:
         return None
-    from .manifest import read_manifest
-    from .pipeline import scan_series
+    from ..manifest import read_manifest
+    from ..pipeline import scan_series
 
     rows = {row["scan_id"]: row for row in read_manifest(manifest).to_dict("records")}
 
@@ -33,9 +33,9 @@ def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | P
                  labels: str | Path | None, out: str | Path, morphometry: str | Path | None = None,
                  change: str | Path | None = None, vertebrae: str | Path | None = None,
                  manifest: str | Path | None = None) -> None:
-    from .report import input_warnings, render_report
-    from .report_morphometry import morphometry_context
-    from .stats import _read_table
+    from .validation import input_warnings, render_report
+    from .morphometry import morphometry_context
+    from ..stats import _read_table
 
     outdir = Path(config["outdir"])
     agreement_table = pd.read_parquet(agreement) if agreement else None
@@ -51,7 +51,7 @@ def build_report(config: Mapping[str, Any], *, scans: str | Path, discs: str | P
         pd.read_parquet(vertebrae) if vertebrae and Path(vertebrae).exists() else None,
         outdir / "work" / "series", series_of=_series_source(outdir, manifest))
     provenance = read_provenance(discs)
-    from .shipped import training_records
+    from ..shipped import training_records
 
     raw_models = provenance.get("models")
     models = json.loads(raw_models) if isinstance(raw_models, str) and raw_models.strip().startswith("{") else {}
