@@ -28,9 +28,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import ingest as ingest_mod
-from .manifest import OPTIONAL, REQUIRED, read_manifest, shard_rows
-from .provenance import make_provenance, read_provenance, sha256_file, write_table
+from .. import ingest as ingest_mod
+from ..manifest import OPTIONAL, REQUIRED, read_manifest, shard_rows
+from ..provenance import make_provenance, read_provenance, sha256_file, write_table
 
 log = logging.getLogger("spinecohort")
 
@@ -170,7 +170,7 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
 
 def stage_classes() -> dict[str, type[Stage]]:
     """Every registered stage; importing :mod:`spinecohort.stages` registers the model stages."""
-    from . import stages  # noqa: F401
+    from .. import stages  # noqa: F401
 
     return STAGE_CLASSES
 
@@ -487,7 +487,7 @@ def empty_rows(kind: str) -> pd.DataFrame:
 
 
 def _row_dtypes(kind: str) -> dict[str, str]:
-    from .tasks import TASK_NAMES
+    from ..tasks import TASK_NAMES
 
     if kind == "vertebrae":
         dtypes = {"scan_id": "str", "subject_id": "str", "vertebra_id": "int64", "level": "str",
@@ -564,7 +564,7 @@ def _move_level_summary(scans: pd.DataFrame, vertebrae: pd.DataFrame) -> pd.Data
     """Put the label stage's per-scan ``level_confidence`` / ``level_flags`` (repeated on each of
     a scan's vertebra rows) into ``scans`` (in place) and return the vertebrae without them. An ok
     scan without vertebrae is flagged ``no_vertebrae_detected``; a failed scan gets null / ''."""
-    from .stages import SCAN_LEVEL_COLUMNS
+    from ..stages import SCAN_LEVEL_COLUMNS
 
     confidence_column, flags_column = SCAN_LEVEL_COLUMNS
     confidence, flags = {}, {}
@@ -583,7 +583,7 @@ def derived_tables(scans: pd.DataFrame, frames: Mapping[str, pd.DataFrame]) -> d
     """``morphometry`` and ``change`` tables: pure functions of the cohort's vertebra landmarks,
     pixel spacings and grades, so computed here rather than in a per-scan stage (no image needed,
     milliseconds a scan, and they always agree with the tables written beside them)."""
-    from .morphometry import CHANGE_DTYPES, MORPHOMETRY_DTYPES, cohort_change, cohort_morphometry, typed
+    from ..morphometry import CHANGE_DTYPES, MORPHOMETRY_DTYPES, cohort_change, cohort_morphometry, typed
 
     # Per-scan problems are caught inside (a note on the scan's row); anything else must not cost
     # the cohort its core tables, so it is logged and leaves the typed table empty.
@@ -628,7 +628,7 @@ def render_shard_qc(config: Mapping[str, Any], manifest_file: str | Path, shard:
     A picture that cannot be drawn fails its scan (``qc.status.parquet``, read by the cohort
     tables), never the job: the tables wait on every shard's QC. ``rows`` as for
     :func:`run_shard_stage`."""
-    from .qc import render_qc
+    from ..qc import render_qc
 
     outdir = Path(config["outdir"])
     here = shard_dir(outdir, shard)
@@ -667,9 +667,9 @@ def render_shard_qc(config: Mapping[str, Any], manifest_file: str | Path, shard:
 
 def run_in_process(config: Mapping[str, Any], manifest_file: str | Path, created_by: str | None = None) -> dict[str, Path]:
     """Every stage over every shard in this process (``spinecohort predict`` and tests)."""
-    from .manifest import n_shards
+    from ..manifest import n_shards
 
-    from .manifest import write_shard_manifest
+    from ..manifest import write_shard_manifest
 
     count = n_shards(len(read_manifest(manifest_file)), int(config["shard_size"]))
     for shard in range(count):  # as the Snakemake run lays out work/ (the ingest job writes them)
