@@ -9,8 +9,9 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from . import ingest as ingest_mod
 from .ingest import Series
-from .pipeline import ScanContext, Stage, register_stage
+from .pipeline.context import ScanContext, Stage, register_stage
 from .models import load_models
 
 
@@ -122,6 +123,35 @@ def canonical_vertebrae(scan: ScanContext, rows: pd.DataFrame) -> list[dict]:
         vertebrae.append({"vertebra_id": int(row["vertebra_id"]), "level": row.get("level"),
                           "polygons": flip_polygons(series, stored), "centroid": tuple(float(v) for v in centroid)})
     return vertebrae
+
+
+@register_stage
+class IngestStage(Stage):
+    name = "ingest"
+    config_keys = ("keep_series_uid",)
+
+    def run_scan(self, scan: ScanContext) -> pd.DataFrame:
+        series_arg = scan.row.get("series") or None
+        series = ingest_mod.ingest(scan.row["path"], scan.scan_id, series_arg)
+        ingest_mod.save_series(series, scan.series_path)
+        meta = series.meta
+        # the SeriesInstanceUID is a DICOM identifier: written only when the team opts in
+        uid = {"series_uid": meta["series_uid"]} if self.config.get("keep_series_uid") else {}
+        return pd.DataFrame([{
+            "scan_id": scan.scan_id,
+            "series_key": meta["series_key"],
+            **uid,
+            "series_description": meta["series_description"],
+            "series_choice": meta["series_choice"],
+            "n_slices": meta["n_slices"],
+            "rows": meta["rows"],
+            "cols": meta["cols"],
+            "pixel_spacing_mm": [float(v) for v in meta["pixel_spacing_mm"]],
+            "slice_spacing_mm": meta["slice_spacing_mm"],
+            "fov": f"{meta['rows'] * meta['pixel_spacing_mm'][0]:.0f}x{meta['cols'] * meta['pixel_spacing_mm'][1]:.0f} mm",
+            "ingest_warnings": "; ".join(meta["warnings"]),
+        }])
+
 
 
 @register_stage
