@@ -1,5 +1,6 @@
-"""The model stages as pipeline stages: each loads its models once per shard job and turns the
-stage module's results into the contract's table rows."""
+"""Every pipeline stage, and :data:`STAGES`, the one ordered list of them. Ingest reads the scan;
+the model stages each load their models once per shard job and turn the stage module's results
+into the contract's table rows."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import pandas as pd
 
 from . import ingest as ingest_mod
 from .ingest import Series
-from .pipeline.context import ScanContext, Stage, register_stage
+from .pipeline.context import ScanContext, Stage
 from .models import load_models
 
 
@@ -125,7 +126,6 @@ def canonical_vertebrae(scan: ScanContext, rows: pd.DataFrame) -> list[dict]:
     return vertebrae
 
 
-@register_stage
 class IngestStage(Stage):
     name = "ingest"
     config_keys = ("keep_series_uid",)
@@ -154,7 +154,6 @@ class IngestStage(Stage):
 
 
 
-@register_stage
 class DetectStage(Stage):
     name = "detect"
     config_keys = ("models.family", "models.dir", "models.precision")
@@ -182,7 +181,6 @@ class DetectStage(Stage):
 SCAN_LEVEL_COLUMNS = ("level_confidence", "level_flags")
 
 
-@register_stage
 class LabelStage(Stage):
     name = "label"
     config_keys = ("models.family", "models.dir", "models.precision")
@@ -221,7 +219,6 @@ def ivv_path(workdir: Path, scan_id: str) -> Path:
     return Path(workdir) / "ivv" / f"{scan_id}.npz"
 
 
-@register_stage
 class ExtractDiscsStage(Stage):
     name = "extract_discs"
     config_keys = ("graded_discs",)
@@ -259,7 +256,6 @@ class ExtractDiscsStage(Stage):
 
 
 # ----------------------------------------------------------------------------- grading
-@register_stage
 class GradeStage(Stage):
     name = "grade"
     config_keys = ("models.family", "models.dir", "models.precision", "models.grader", "tta", "hotspots",
@@ -319,3 +315,28 @@ class GradeStage(Stage):
                               / f"{scan.scan_id}_{level}_{task.name}.png")
                     hotspot_montage(ivvs[index], heat, target, title=f"{scan.scan_id} {level}: {task.name} {grade}")
         return rows
+
+
+# ----------------------------------------------------------------------------- the stages, in order
+#: Every stage, in execution order: the one list of stages (the Snakefile makes a rule per entry).
+STAGES: tuple[type[Stage], ...] = (IngestStage, DetectStage, LabelStage, ExtractDiscsStage, GradeStage)
+
+
+def _check_order(stages: tuple[type[Stage], ...]) -> None:
+    """Each stage takes the ok scans of the stage it names in ``after``: that one must come earlier."""
+    for index, stage in enumerate(stages):
+        if stage.after is not None and stage.after not in [s.name for s in stages[:index]]:
+            raise RuntimeError(f"stage {stage.name!r} runs after {stage.after!r}, which is not an earlier stage")
+
+
+_check_order(STAGES)
+
+
+def stage_classes() -> dict[str, type[Stage]]:
+    """Stage name -> class, in execution order."""
+    return {stage.name: stage for stage in STAGES}
+
+
+def stage_order() -> list[str]:
+    """Stage names in execution order."""
+    return [stage.name for stage in STAGES]

@@ -1,8 +1,8 @@
 """What a stage sees and the files it works in: :class:`ScanContext`, the :class:`Stage` base, the
 work paths (stored series, shard folders) and the status-file columns every shard job writes.
 
-Nothing here imports :mod:`spinecohort.stages` (which subclasses :class:`Stage`), so the stages
-can import this module without a cycle.
+Nothing here imports :mod:`spinecohort.stages` (which subclasses :class:`Stage` and lists the
+stages in order), so the stages can import this module without a cycle.
 """
 from __future__ import annotations
 
@@ -116,35 +116,6 @@ class Stage:
                 outcome = error
             yield outcome, time.perf_counter() - started
 
-
-
-STAGE_CLASSES: dict[str, type[Stage]] = {}
-
-
-def register_stage(cls: type[Stage]) -> type[Stage]:
-    STAGE_CLASSES[cls.name] = cls
-    return cls
-
-
-def stage_classes() -> dict[str, type[Stage]]:
-    """Every registered stage; importing :mod:`spinecohort.stages` registers the model stages."""
-    from .. import stages  # noqa: F401
-
-    return STAGE_CLASSES
-
-
-def stage_order() -> list[str]:
-    """Stages in execution order (each after the one it names)."""
-    order = ["ingest"]
-    remaining = {n: c for n, c in stage_classes().items() if n != "ingest"}
-    while remaining:
-        ready = [n for n, c in remaining.items() if c.after in order]
-        if not ready:
-            raise RuntimeError(f"stages with unknown predecessors: {sorted(remaining)}")
-        for name in sorted(ready):
-            order.append(name)
-            del remaining[name]
-    return order
 
 def _read_optional(path: Path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.exists() else None

@@ -27,8 +27,9 @@ import pyarrow.parquet as pq
 
 from ..manifest import read_manifest, shard_rows
 from ..provenance import make_provenance, sha256_file, write_table
+from ..stages import stage_classes, stage_order
 from .context import (DEVICE_COLUMNS, STATUS_COLUMNS, ScanContext, Stage, _format_error, _read_optional,
-                      shard_dir, stage_classes, stage_order)
+                      shard_dir)
 from .tables import render_shard_qc, write_cohort_tables
 
 log = logging.getLogger("spinecohort")

@@ -14,8 +14,9 @@ import pyarrow as pa
 
 from ..manifest import OPTIONAL, REQUIRED, read_manifest, shard_rows
 from ..provenance import make_provenance, read_provenance, write_table
+from ..stages import SCAN_LEVEL_COLUMNS, stage_order
 from .context import (STATUS_COLUMNS, _format_error, _read_optional, remove_intermediates, scan_series,
-                      series_path, shard_dir, stage_order)
+                      series_path, shard_dir)
 
 log = logging.getLogger("spinecohort")
 
@@ -235,8 +236,6 @@ def _move_level_summary(scans: pd.DataFrame, vertebrae: pd.DataFrame) -> pd.Data
     """Put the label stage's per-scan ``level_confidence`` / ``level_flags`` (repeated on each of
     a scan's vertebra rows) into ``scans`` (in place) and return the vertebrae without them. An ok
     scan without vertebrae is flagged ``no_vertebrae_detected``; a failed scan gets null / ''."""
-    from ..stages import SCAN_LEVEL_COLUMNS
-
     confidence_column, flags_column = SCAN_LEVEL_COLUMNS
     confidence, flags = {}, {}
     if len(vertebrae) and confidence_column in vertebrae.columns:
