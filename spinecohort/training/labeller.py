@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from . import ProgressLog
 from ..geometry import jitter_polygons
+from ..provenance import atomic_output
 from ..label import (
     AppearanceConfig,
     BeamConfig,
@@ -168,9 +169,8 @@ def _prepare_one(args) -> str:
     sp = (scan.pixel_spacing_mm, scan.pixel_spacing_mm)
     items = _scan_items(scan.volume, sp, verts, rng, cfg, k_jitter)
     height_mm = scan.volume.shape[1] * scan.pixel_spacing_mm
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **items, seed=seed, fov=fov, contrast=scan.contrast, height_mm=height_mm)
-    tmp.replace(path)
+    with atomic_output(path) as handle:  # parallel workers and a killed run never leave a partial file
+        np.savez(handle, **items, seed=seed, fov=fov, contrast=scan.contrast, height_mm=height_mm)
     return f"{seed} {fov} {scan.contrast} {len(items['labels'])} volumes"
 
 
