@@ -320,3 +320,24 @@ def test_shipped_weights_label_a_public_lumbar_case():
                     [{"polygons": v.polygons, "centroid": v.centroid} for v in verts])
     got = [lev for lev, _ in out]
     assert sum(g == v.level for g, v in zip(got, verts)) >= len(verts) - 1
+
+
+def test_labelling_evaluation_records_calibration_and_fits_it(tmp_path, capsys):
+    # the leave-one-site-out workflow in small: evaluate, then fit level_probability's map from
+    # the JSON (training-split rows; here synthetic scans marked as such)
+    import json
+
+    from spinecohort.evaluation import labelling as ev
+
+    assert ev._public_split_of("vb3_05") == "val" and ev._public_split_of("vb2_08") == "train"
+    labeller = Labeller.load(default_model_path("appearance"), default_model_path("context"))
+    res = ev.evaluate_labelling(labeller, None, datasets=["synthetic-lumbar"], n_lumbar=2, modes=("truth",))
+    rows = res["scans"]
+    assert rows and all(len(r["calibration"]["raw"]) == len(r["calibration"]["correct"]) > 0 for r in rows)
+    for r in rows:
+        r["mode"], r["public_split"] = "end2end", "train"
+    path = tmp_path / "loso.json"
+    path.write_text(json.dumps(res, default=float))
+    assert ev.main(["--calibrate-from", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "probability_calibration (fitted on" in out and "ECE" in out

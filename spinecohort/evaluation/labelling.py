@@ -183,7 +183,7 @@ def calibration_rows(scans: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.nd
 
 def _public_split_of(name: str) -> str | None:
     """'train' / 'val' of a public-lumbar case name (``vb3_08``), None if it has no number."""
-    from .publiclumbar import split_of
+    from ..publiclumbar import split_of
 
     num = name.rsplit("_", 1)[-1]
     return split_of(int(num)) if num.isdigit() else None
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "and print reliability before / after on each split")
     args = p.parse_args(argv)
     if args.calibrate_from:
-        from .label import calibrated_probabilities, fit_probability_calibration
+        from ..label import calibrated_probabilities, fit_probability_calibration
 
         # the pipeline's own path (detector + labeller) is what level_probability must describe
         scans = [r for f in args.calibrate_from for r in json.loads(Path(f).read_text())["scans"]
