@@ -292,8 +292,13 @@ def test_hostile_cohort_in_process_typed_tables_and_qc_isolation(tmp_path, monke
 
     # A QC picture that cannot be drawn fails its scan, not the tables.
     real = qc_mod.render_qc
-    monkeypatch.setattr(qc_mod, "render_qc", lambda series, v, d, target, title="": (
-        (_ for _ in ()).throw(ZeroDivisionError("float division by zero")) if title == "h1" else real(series, v, d, target, title=title)))
+
+    def render_qc(series, vertebrae, discs, target, title=""):
+        if title == "h1":
+            raise ZeroDivisionError("float division by zero")  # what a zero spacing did before ingest refused it
+        return real(series, vertebrae, discs, target, title=title)
+
+    monkeypatch.setattr(qc_mod, "render_qc", render_qc)
     render_shard_qc(config, manifest, 0)
     again = pd.read_parquet(write_cohort_tables(config, manifest, 1, created_by="test")["scans"]).set_index("scan_id")
     assert again.loc["h1", "status"] == "failed" and again.loc["h1", "failed_stage"] == "qc"
