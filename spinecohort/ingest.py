@@ -235,6 +235,9 @@ def _iter_sources(path: Path, budget: _Budget, refused: list[str]) -> Iterator[_
                 if len(data) > info.file_size:
                     refused.append(f"{label}: holds more than the {info.file_size} bytes it declares")
                     continue
+                if data[:4] == b"PK\x03\x04":  # unpacking nested archives is how zip bombs multiply
+                    refused.append(f"{label}: a zip inside the zip is not read; give the inner one as the path")
+                    continue
                 yield _Source(label=label, data=data)
     else:
         budget.count(path.name, path.stat().st_size)
@@ -405,7 +408,7 @@ def _number(header: pydicom.Dataset, key: str) -> float:
 _MR_LIKE = ("MR", "OT", "")
 
 
-def _choose_series(groups: list[_SeriesGroup], selector: str | None, scan: str) -> tuple[_SeriesGroup, str]:
+def _choose_series(groups: list[_SeriesGroup], selector: str | None, scan: str, path: Path) -> tuple[_SeriesGroup, str]:
     other = [g for g in groups if g.modality not in _MR_LIKE]
     if selector:
         wanted = selector.strip()
@@ -416,14 +419,14 @@ def _choose_series(groups: list[_SeriesGroup], selector: str | None, scan: str) 
             known = "; ".join(f"{g.key} '{g.description}'" for g in groups)
             raise IngestError(f"scan {scan}: no series matches selector '{wanted}' (series found: {known})")
         if chosen[0].modality not in _MR_LIKE:
-            raise IngestError(f"scan {scan}: series '{chosen[0].description}' is Modality {chosen[0].modality}, not MR: the models grade MR only")
+            raise IngestError(f"scan {scan}: file {path}: series '{chosen[0].description}' is Modality {chosen[0].modality}, not MR: the models grade MR only")
         if len(chosen) > 1:
             chosen.sort(key=lambda g: (-len(g.frames), g.uid))
             return chosen[0], f"manifest series '{wanted}' matched {len(chosen)} series; took the one with most slices"
         return chosen[0], f"manifest series '{wanted}'"
     if other and len(other) == len(groups):
         found = ", ".join(sorted({g.modality for g in other}))
-        raise IngestError(f"scan {scan}: no MR series (Modality {found}): the models grade MR only")
+        raise IngestError(f"scan {scan}: file {path}: no MR series (Modality {found}): the models grade MR only")
     groups = [g for g in groups if g.modality in _MR_LIKE]
     sagittal = [g for g in groups if g.is_sagittal()]
     if not sagittal:
@@ -494,7 +497,7 @@ def _ingest_dicom(path: Path, scan_id: str, selector: str | None, budget: _Budge
     if not groups:
         detail = f"; {(broken + refused)[0]}" if broken or refused else ""
         raise IngestError(f"scan {scan_id}: file {path}: no readable DICOM image found ({len(skipped) + len(refused)} other file(s)){detail}")
-    chosen, reason = _choose_series(sorted(groups.values(), key=lambda g: g.uid), selector, scan_id)
+    chosen, reason = _choose_series(sorted(groups.values(), key=lambda g: g.uid), selector, scan_id, path)
     warnings = [f"ignored {len(skipped)} non-DICOM or non-image file(s)"] if skipped else []
     if refused:
         warnings.append(f"refused {len(refused)} file(s), first: {refused[0]}")

@@ -104,7 +104,8 @@ def test_zip_bomb_members_are_refused_unread(tmp_path, monkeypatch):
             handle.write(path, f"series/{path.name}")
         for name in ("zeros1", "zeros2"):
             handle.writestr(name, b"\0" * (6 << 20))  # compresses ~1000:1
-        handle.writestr("nested.zip", archive.read_bytes()[:100])
+        handle.writestr("zz_truncated.zip", archive.read_bytes()[:100])
+        handle.writestr("zz_inner.zip", b"PK\x03\x04" + bytes(200))
     read = []
     original = zipfile.ZipFile.open
     monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: read.append(getattr(name, "filename", name)) or original(self, name, *a, **k))
@@ -112,7 +113,11 @@ def test_zip_bomb_members_are_refused_unread(tmp_path, monkeypatch):
     assert series.volume.shape == (6, 48, 40)
     assert not {"zeros1", "zeros2"} & set(read)
     warning = next(w for w in series.meta["warnings"] if w.startswith("refused"))
-    assert "refused 2 file(s)" in warning and "zeros1" in warning and ":1, over the 100:1 bound" in warning
+    assert "refused 4 file(s), first: scan.zip!zeros1: compressed" in warning and ":1, over the 100:1 bound" in warning
+    with zipfile.ZipFile(tmp_path / "outer.zip", "w") as handle:
+        handle.write(archive, "inner.zip")
+    with pytest.raises(IngestError, match="outer.zip: no readable DICOM .* outer.zip!inner.zip: a zip inside the zip is not read"):
+        ingest(tmp_path / "outer.zip", "s")
     monkeypatch.setattr(ingest_mod, "MAX_FILE_BYTES", 5 << 20)  # the declared size alone also refuses
     assert "declares" in next(w for w in ingest(archive, "s").meta["warnings"] if w.startswith("refused"))
     monkeypatch.setattr(ingest_mod, "MAX_ZIP_BYTES", 10_000)  # members are held in memory: bounded together
@@ -176,7 +181,7 @@ def test_ct_is_not_graded_as_mr(tmp_path):
         ds = pydicom.dcmread(path)
         ds.Modality = "CT"
         ds.save_as(path)
-    with pytest.raises(IngestError, match="scan c: no MR series \\(Modality CT\\)"):
+    with pytest.raises(IngestError, match="scan c: file .*ct: no MR series \\(Modality CT\\)"):
         ingest(tmp_path / "ct", "c")
     _series(tmp_path / "ct" / "mr", seed=1, series_description="SAG T2")  # an MR series beside it is chosen
     assert ingest(tmp_path / "ct", "c").meta["series_description"] == "SAG T2"
