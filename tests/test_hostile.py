@@ -459,3 +459,10 @@ def test_file_count_bound_counts_refused_entries_and_descriptions_stay_one_line(
     monkeypatch.setattr(ingest_mod, "MAX_FILES", 8)  # 6 slices + 3 pipes
     with pytest.raises(IngestError, match=r"scan s: file \S+: more than 8 files in one scan"):
         ingest(tmp_path / "scan", "s")
+
+
+def test_a_truncated_dicom_header_is_named_not_counted_as_junk(tmp_path):
+    paths = _series(tmp_path / "scan")
+    paths[0].write_bytes(paths[0].read_bytes()[:300])  # preamble and DICM kept, header cut
+    warnings = ingest(tmp_path / "scan", "s").meta["warnings"]
+    assert any(w.startswith(f"1 damaged DICOM file(s) ignored, first: {paths[0].name}: damaged DICOM (") for w in warnings), warnings
