@@ -250,6 +250,13 @@ def test_label_problems_are_counted(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="labels .*labels.csv: not a readable table"):
         _read_table(empty, "labels")
+    from spinecohort.stats import run_agreement
+
+    discs = tmp_path / "discs.csv"
+    discs.write_text("scan_id,level,Pfirrmann\ns1,L4-L5,3\n")
+    empty.write_text("scan_id,Pfirrmann\ns1,3\n")
+    with pytest.raises(ValueError, match=r"agreement of .*discs.csv with .*labels.csv: labels needs a 'level' column"):
+        run_agreement(discs, empty, tmp_path / "agreement.parquet", n_bootstrap=0)
 
 
 # ----------------------------------------------------------------------------- whole cohort, in process
