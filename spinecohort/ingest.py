@@ -156,6 +156,13 @@ class _Source:
     path: Path | None = None
     data: bytes | None = None
 
+    def is_dicom_file(self) -> bool:
+        """Whether it starts as a DICOM file does (128-byte preamble, then DICM)."""
+        if self.data is not None:
+            return self.data[128:132] == b"DICM"
+        with open(self.path, "rb") as handle:  # a regular file: _iter_sources checked
+            return handle.read(132)[128:] == b"DICM"
+
     def read(self, stop_before_pixels: bool) -> pydicom.Dataset:
         handle: Any = io.BytesIO(self.data) if self.data is not None else str(self.path)
         try:
@@ -235,6 +242,9 @@ def _iter_sources(path: Path, budget: _Budget, refused: list[str]) -> Iterator[_
                     continue
                 if len(data) > info.file_size:
                     refused.append(f"{label}: holds more than the {info.file_size} bytes it declares")
+                    continue
+                if data[:4] == b"PK\x03\x04":  # unpacking nested archives is how zip bombs multiply
+                    refused.append(f"{label}: a zip inside the zip is not read; give the inner one as the path")
                     continue
                 yield _Source(label=label, data=data)
     else:
@@ -406,7 +416,7 @@ def _number(header: pydicom.Dataset, key: str) -> float:
 _MR_LIKE = ("MR", "OT", "")
 
 
-def _choose_series(groups: list[_SeriesGroup], selector: str | None, scan: str) -> tuple[_SeriesGroup, str]:
+def _choose_series(groups: list[_SeriesGroup], selector: str | None, scan: str, path: Path) -> tuple[_SeriesGroup, str]:
     other = [g for g in groups if g.modality not in _MR_LIKE]
     if selector:
         wanted = selector.strip()
@@ -417,14 +427,14 @@ def _choose_series(groups: list[_SeriesGroup], selector: str | None, scan: str) 
             known = "; ".join(f"{g.key} '{g.description}'" for g in groups)
             raise IngestError(f"scan {scan}: no series matches selector '{wanted}' (series found: {known})")
         if chosen[0].modality not in _MR_LIKE:
-            raise IngestError(f"scan {scan}: series '{chosen[0].description}' is Modality {chosen[0].modality}, not MR: the models grade MR only")
+            raise IngestError(f"scan {scan}: file {path}: series '{chosen[0].description}' is Modality {chosen[0].modality}, not MR: the models grade MR only")
         if len(chosen) > 1:
             chosen.sort(key=lambda g: (-len(g.frames), g.uid))
             return chosen[0], f"manifest series '{wanted}' matched {len(chosen)} series; took the one with most slices"
         return chosen[0], f"manifest series '{wanted}'"
     if other and len(other) == len(groups):
         found = ", ".join(sorted({g.modality for g in other}))
-        raise IngestError(f"scan {scan}: no MR series (Modality {found}): the models grade MR only")
+        raise IngestError(f"scan {scan}: file {path}: no MR series (Modality {found}): the models grade MR only")
     groups = [g for g in groups if g.modality in _MR_LIKE]
     sagittal = [g for g in groups if g.is_sagittal()]
     if not sagittal:
@@ -464,11 +474,20 @@ def ingest(path: str | os.PathLike, scan_id: str, series: str | None = None) -> 
         raise IngestError(f"scan {scan_id}: file {path}: {type(error).__name__}: {detail}") from error
 
 
+def _is_image_storage(ds: pydicom.Dataset) -> bool:
+    """Whether the SOP class (file meta included) is an image (MR Image Storage, ...), not a
+    DICOMDIR, structured report or other non-image object that may sit beside a series."""
+    meta = getattr(ds, "file_meta", None)
+    sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    return "Image Storage" in str(getattr(sop, "name", "") or "")
+
+
 def _ingest_dicom(path: Path, scan_id: str, selector: str | None, budget: _Budget) -> Series:
     groups: dict[str, _SeriesGroup] = {}
     skipped: list[str] = []
     broken: list[str] = []
     refused: list[str] = []
+    damaged: list[str] = []
     for source in _iter_sources(path, budget, refused):
         try:
             with budget.reading(source.label):
@@ -478,11 +497,18 @@ def _ingest_dicom(path: Path, scan_id: str, selector: str | None, budget: _Budge
         except PermissionError as error:
             refused.append(f"{source.label}: cannot be read ({error.strerror})")
             continue
-        except Exception:  # noqa: BLE001 - anything unreadable is junk beside the series
-            skipped.append(source.label)
+        except Exception as error:  # noqa: BLE001 - anything unreadable is junk beside the series
+            # a damaged DICOM (truncated header) is named; other junk is only counted
+            if source.is_dicom_file():
+                damaged.append(f"{source.label}: damaged DICOM ({' '.join(str(error).split()) or type(error).__name__})")
+            else:
+                skipped.append(source.label)
             continue
         if "SeriesInstanceUID" not in ds or "Rows" not in ds:
-            skipped.append(source.label)
+            if _is_image_storage(ds):  # an image whose header was cut short
+                damaged.append(f"{source.label}: damaged DICOM (image header ends before SeriesInstanceUID or Rows)")
+            else:
+                skipped.append(source.label)
             continue
         try:
             frames = _frames_of(ds, source)
@@ -493,12 +519,15 @@ def _ingest_dicom(path: Path, scan_id: str, selector: str | None, budget: _Budge
         group = groups.setdefault(uid, _SeriesGroup(uid=uid, header=ds))
         group.frames.extend(frames)
     if not groups:
-        detail = f"; {(broken + refused)[0]}" if broken or refused else ""
-        raise IngestError(f"scan {scan_id}: file {path}: no readable DICOM image found ({len(skipped) + len(refused)} other file(s)){detail}")
-    chosen, reason = _choose_series(sorted(groups.values(), key=lambda g: g.uid), selector, scan_id)
+        problems = damaged + broken + refused
+        detail = f"; {problems[0]}" if problems else ""
+        raise IngestError(f"scan {scan_id}: file {path}: no readable DICOM image found ({len(skipped) + len(refused) + len(damaged)} other file(s)){detail}")
+    chosen, reason = _choose_series(sorted(groups.values(), key=lambda g: g.uid), selector, scan_id, path)
     warnings = [f"ignored {len(skipped)} non-DICOM or non-image file(s)"] if skipped else []
     if refused:
         warnings.append(f"refused {len(refused)} file(s), first: {refused[0]}")
+    if damaged:
+        warnings.append(f"{len(damaged)} damaged DICOM file(s) ignored, first: {damaged[0]}")
     if broken:
         warnings.append(f"{len(broken)} file(s) with unusable geometry ignored, first: {broken[0]}")
     if chosen.modality != "MR":

@@ -104,7 +104,8 @@ def test_zip_bomb_members_are_refused_unread(tmp_path, monkeypatch):
             handle.write(path, f"series/{path.name}")
         for name in ("zeros1", "zeros2"):
             handle.writestr(name, b"\0" * (6 << 20))  # compresses ~1000:1
-        handle.writestr("nested.zip", archive.read_bytes()[:100])
+        handle.writestr("zz_truncated.zip", archive.read_bytes()[:100])
+        handle.writestr("zz_inner.zip", b"PK\x03\x04" + bytes(200))
     read = []
     original = zipfile.ZipFile.open
     monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: read.append(getattr(name, "filename", name)) or original(self, name, *a, **k))
@@ -112,7 +113,11 @@ def test_zip_bomb_members_are_refused_unread(tmp_path, monkeypatch):
     assert series.volume.shape == (6, 48, 40)
     assert not {"zeros1", "zeros2"} & set(read)
     warning = next(w for w in series.meta["warnings"] if w.startswith("refused"))
-    assert "refused 2 file(s)" in warning and "zeros1" in warning and ":1, over the 100:1 bound" in warning
+    assert "refused 4 file(s), first: scan.zip!zeros1: compressed" in warning and ":1, over the 100:1 bound" in warning
+    with zipfile.ZipFile(tmp_path / "outer.zip", "w") as handle:
+        handle.write(archive, "inner.zip")
+    with pytest.raises(IngestError, match="outer.zip: no readable DICOM .* outer.zip!inner.zip: a zip inside the zip is not read"):
+        ingest(tmp_path / "outer.zip", "s")
     monkeypatch.setattr(ingest_mod, "MAX_FILE_BYTES", 5 << 20)  # the declared size alone also refuses
     assert "declares" in next(w for w in ingest(archive, "s").meta["warnings"] if w.startswith("refused"))
     monkeypatch.setattr(ingest_mod, "MAX_ZIP_BYTES", 10_000)  # members are held in memory: bounded together
@@ -176,7 +181,7 @@ def test_ct_is_not_graded_as_mr(tmp_path):
         ds = pydicom.dcmread(path)
         ds.Modality = "CT"
         ds.save_as(path)
-    with pytest.raises(IngestError, match="scan c: no MR series \\(Modality CT\\)"):
+    with pytest.raises(IngestError, match="scan c: file .*ct: no MR series \\(Modality CT\\)"):
         ingest(tmp_path / "ct", "c")
     _series(tmp_path / "ct" / "mr", seed=1, series_description="SAG T2")  # an MR series beside it is chosen
     assert ingest(tmp_path / "ct", "c").meta["series_description"] == "SAG T2"
@@ -245,6 +250,13 @@ def test_label_problems_are_counted(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="labels .*labels.csv: not a readable table"):
         _read_table(empty, "labels")
+    from spinecohort.stats import run_agreement
+
+    discs = tmp_path / "discs.csv"
+    discs.write_text("scan_id,level,Pfirrmann\ns1,L4-L5,3\n")
+    empty.write_text("scan_id,Pfirrmann\ns1,3\n")
+    with pytest.raises(ValueError, match=r"agreement of .*discs.csv with .*labels.csv: labels needs a 'level' column"):
+        run_agreement(discs, empty, tmp_path / "agreement.parquet", n_bootstrap=0)
 
 
 # ----------------------------------------------------------------------------- whole cohort, in process
@@ -292,8 +304,13 @@ def test_hostile_cohort_in_process_typed_tables_and_qc_isolation(tmp_path, monke
 
     # A QC picture that cannot be drawn fails its scan, not the tables.
     real = qc_mod.render_qc
-    monkeypatch.setattr(qc_mod, "render_qc", lambda series, v, d, target, title="": (
-        (_ for _ in ()).throw(ZeroDivisionError("float division by zero")) if title == "h1" else real(series, v, d, target, title=title)))
+
+    def render_qc(series, vertebrae, discs, target, title=""):
+        if title == "h1":
+            raise ZeroDivisionError("float division by zero")  # what a zero spacing did before ingest refused it
+        return real(series, vertebrae, discs, target, title=title)
+
+    monkeypatch.setattr(qc_mod, "render_qc", render_qc)
     render_shard_qc(config, manifest, 0)
     again = pd.read_parquet(write_cohort_tables(config, manifest, 1, created_by="test")["scans"]).set_index("scan_id")
     assert again.loc["h1", "status"] == "failed" and again.loc["h1", "failed_stage"] == "qc"
@@ -449,3 +466,10 @@ def test_file_count_bound_counts_refused_entries_and_descriptions_stay_one_line(
     monkeypatch.setattr(ingest_mod, "MAX_FILES", 8)  # 6 slices + 3 pipes
     with pytest.raises(IngestError, match=r"scan s: file \S+: more than 8 files in one scan"):
         ingest(tmp_path / "scan", "s")
+
+
+def test_a_truncated_dicom_header_is_named_not_counted_as_junk(tmp_path):
+    paths = _series(tmp_path / "scan")
+    paths[0].write_bytes(paths[0].read_bytes()[:300])  # preamble and DICM kept, header cut
+    warnings = ingest(tmp_path / "scan", "s").meta["warnings"]
+    assert any(w.startswith(f"1 damaged DICOM file(s) ignored, first: {paths[0].name}: damaged DICOM (") for w in warnings), warnings

@@ -104,8 +104,11 @@ def run_agreement(
     labels = _read_table(labels_path, "labels")
     for warning in label_warnings(labels):  # the report adds scan_ids missing from the manifest
         log.warning("%s", warning)
-    agreement, confusion = compute_agreement(discs, labels, n_bootstrap=n_bootstrap, seed=seed,
-                                             tasks=tasks, reading_schemes=reading_schemes)
+    try:
+        agreement, confusion = compute_agreement(discs, labels, n_bootstrap=n_bootstrap, seed=seed,
+                                                 tasks=tasks, reading_schemes=reading_schemes)
+    except ValueError as error:  # a missing key column: name the files, not only the table's role
+        raise ValueError(f"agreement of {discs_path} with {labels_path}: {error}") from None
     if provenance is None:
         prov = make_provenance(created_by=created_by)
         if str(discs_path).lower().endswith((".parquet", ".pq")):
