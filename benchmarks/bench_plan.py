@@ -26,6 +26,9 @@ def write_manifest(path: Path, rows: int) -> None:
 
 
 def job_stats(output: str) -> dict[str, int]:
+    """Planned jobs per rule from Snakemake's "Job stats" table ({} when it printed none)."""
+    if "Job stats:" not in output:
+        return {}
     table = output[output.index("Job stats:"):]
     counts: dict[str, int] = {}
     for line in table.splitlines()[3:]:

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_plan import job_stats, write_manifest  # the sibling benchmark's manifest and plan parsing
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
 ENV["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), ENV.get("PYTHONPATH")]))
@@ -32,26 +34,6 @@ def run_folder(root: Path) -> Path:
     (root / "config").mkdir(parents=True)
     shutil.copy(REPO / "config" / "config.yaml", root / "config" / "config.yaml")
     return root
-
-
-def write_manifest(path: Path, rows: int) -> None:
-    with open(path, "w") as handle:
-        handle.write("scan_id,subject_id,path,site,visit,age\n")
-        for i in range(rows):
-            handle.write(f"scan{i:06d},sub{i // 2:06d},missing/scan{i:06d},site{i % 4},v{i % 2},{40 + i % 40}\n")
-
-
-def job_stats(output: str) -> dict[str, int]:
-    if "Job stats:" not in output:
-        return {}
-    table = output[output.index("Job stats:"):]
-    counts: dict[str, int] = {}
-    for line in table.splitlines()[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
 
 
 def snakemake(args: list[str], cwd: Path, timeout: int = 3600) -> subprocess.CompletedProcess:

@@ -17,6 +17,7 @@ from spinecohort import ingest as ingest_mod
 from spinecohort.config import resolve_config
 from spinecohort.ingest import Series, load_series, save_series
 from spinecohort.manifest import read_manifest, shard_keys
+from test_cluster import planned_jobs  # one parser of Snakemake's job table for the tests
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,17 +48,6 @@ def test_shard_keys_change_only_for_the_shard_whose_rows_change(tmp_path):
     assert list(demo) == list(before) and demo != shard_keys(None, 4, {"n_scans": 10, "seed": 1})
 
 
-def planned(output: str) -> dict[str, int]:
-    table = output[output.index("Job stats:"):]
-    counts = {}
-    for line in table.splitlines()[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
-
-
 @pytest.mark.slow
 def test_appending_a_row_plans_only_its_shard(tmp_path):
     """A finished 2-shard run; one row appended plans one shard's jobs (+ the cohort's tables and
@@ -83,7 +73,7 @@ def test_appending_a_row_plans_only_its_shard(tmp_path):
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         text = result.stdout + result.stderr
-        return (planned(text) if "Job stats:" in text else {}), text
+        return (planned_jobs(text) if "Job stats:" in text else {}), text
 
     assert plan()[0] == {}  # nothing to do
     per_shard = [*stage_order(), "qc"]
