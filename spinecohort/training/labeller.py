@@ -543,39 +543,6 @@ def train_context(sampler: ContextSampler, *, steps: int, batch: int = 12, lr: f
     return net
 
 
-def without_level(items: list[dict], level: int) -> list[dict]:
-    """The items with every appearance volume of ``level`` removed (geometry kept for the context
-    net): the phantoms draw the sacrum as separate segments with gaps, so a phantom S1 looks like a
-    real L5 (a body with another body below); with ``--real-sacrum-only`` S1 is learnt from real
-    scans alone."""
-    out = []
-    for it in items:
-        keep = np.asarray(it["labels"]) != level
-        out.append({**it, **{k: np.asarray(it[k])[keep] for k in ("crops", "feats", "labels", "body")}})
-    return out
-
-
-def real_level_pool(net, public: list[dict], level: int, pools: dict[int, np.ndarray],
-                    own: dict[int, np.ndarray], syn: list[dict], seed: int = 0) -> None:
-    """Replace the context net's appearance pool of ``level`` (and that level's rows of the held-out
-    phantoms' own probabilities) by the appearance net's logits on the real ``public`` volumes of
-    that level, in place: with ``--real-sacrum-only`` the net never learnt the phantom S1, so its
-    output there says nothing about how it sees a real S1."""
-    crops = [it["crops"][np.asarray(it["labels"]) == level] for it in public]
-    feats = [it["feats"][np.asarray(it["labels"]) == level] for it in public]
-    if not sum(len(c) for c in crops):
-        return
-    c, f = np.concatenate(crops), np.concatenate(feats)
-    _, _, z = evaluate_appearance(net, c, f, np.full(len(c), level))
-    pools[level] = z
-    rng = np.random.default_rng([seed, level, 31])
-    for si, acc in own.items():
-        geo = syn[si]["geometry"]
-        for b in range(len(geo)):
-            if int(geo[b][0]) == level:
-                acc[b] = z[int(rng.integers(len(z)))]
-
-
 def heldout_logits(net, syn: list[dict]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], list[dict]]:
     """Per-level pools and per-scan (mean over jitters) logits of the held-out synthetic scans."""
     pools: dict[int, list] = {}
@@ -630,8 +597,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--probability-calibration", type=float, nargs="*", default=SHIPPED_BEAM["probability_calibration"],
                    metavar="COEF", help="a b c of level_probability = sigmoid(a + b flagged + c logit(raw)) (fit them "
                                         "with spinecohort.evaluation.labelling --calibrate-from on leave-one-site-out runs)")
-    p.add_argument("--real-sacrum-only", action="store_true",
-                   help="learn S1's appearance from the real public-lumbar scans only (not the phantoms)")
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     beam = replace(BeamConfig(), six_lumbar_penalty=args.variant_penalty, t13_penalty=args.variant_penalty,
@@ -664,8 +629,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     pub_det: list[dict] = []
     if args.stage in ("appearance", "all"):
         syn = load_synthetic_cache(cache, args.n_synthetic, grid=acfg.grid)
-        if args.real_sacrum_only:
-            syn = without_level(syn, LEVEL_INDEX["S1"])
         pub, pub_val = [], []
         try:
             excl = tuple(args.exclude_source)
@@ -690,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = {"recipe": "spinecohort.training.labeller", "argv": list(argv if argv is not None else sys.argv[1:]),
                 "seed": args.seed, "n_synthetic": args.n_synthetic, "steps": args.appearance_steps,
                 "public_lumbar_detector_items": len(pub_det),
-                "exclude_sources": list(args.exclude_source), "real_sacrum_only": bool(args.real_sacrum_only),
+                "exclude_sources": list(args.exclude_source),
                 "train_seconds": round(time.time() - t0, 1), "metrics": metrics}
         save_labeller_checkpoint(args.appearance_out, net, acfg, meta)
         log(f"appearance saved to {args.appearance_out}: {json.dumps(metrics)}")
@@ -701,10 +664,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         net, _, _ = load_labeller_net(args.appearance_out, APPEARANCE_FORMAT, AppearanceConfig, build_appearance_net)
         pools, own, _ = heldout_logits(net, syn)
         geos = list(syn)
-        if args.real_sacrum_only and detector is not None:
-            pub_det = pub_det or public_lumbar_detector_items(detector, "train", 1, acfg, args.seed,
-                                                              args.public_lumbar, log, tuple(args.exclude_source))
-            real_level_pool(net, pub_det, LEVEL_INDEX["S1"], pools, own, syn, args.seed)
         try:  # public-lumbar training geometry (annotated bodies, + S1/T12 via the detector)
             if detector is not None:
                 geos += pub_det or public_lumbar_detector_items(detector, "train", 1, acfg, args.seed,
