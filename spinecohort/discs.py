@@ -47,6 +47,7 @@ __all__ = [
     "N_SLICES",
     "extract_ivvs",
     "extract_ivv",
+    "estimated_s1",
     "vertebrae_from_synthetic",
     "polygon_mask",
     "save_ivvs",
@@ -83,6 +84,7 @@ class IVV:
     upper_id: int | None = None  # vertebra ids when the input dicts carry them
     lower_id: int | None = None
     medians: list[float] = field(default_factory=list)  # source intensity scaled to 0.5, per slice
+    lower_estimated: bool = False  # the lower body was not detected: placed by :func:`estimated_s1`
 
     # ------------------------------------------------------------------ coordinates
     def _axes_mm(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -131,7 +133,7 @@ class IVV:
             "box_corners": np.asarray(self.box_corners, float).tolist(),
             "slices": [int(s) for s in self.slices], "mid_slice": int(self.mid_slice),
             "pixel_spacing_mm": [float(v) for v in self.pixel_spacing_mm],
-            "upper_id": self.upper_id, "lower_id": self.lower_id,
+            "upper_id": self.upper_id, "lower_id": self.lower_id, "lower_estimated": bool(self.lower_estimated),
         }
 
 
@@ -220,6 +222,9 @@ def extract_ivv(volume: np.ndarray, pixel_spacing_mm: tuple[float, float] | floa
     pu, pl = _norm_polygons(_get(upper, "polygons")), _norm_polygons(_get(lower, "polygons"))
     if not pu or not pl:
         raise ValueError("both vertebrae need at least one polygon")
+    lower_estimated = bool(_get(lower, "estimated", False))
+    # an estimated outline is a guess of where the body is: it sets the box, not the intensity scale
+    pl_for_scale = {} if lower_estimated else pl
     cu, cl = _centroid(upper, pu), _centroid(lower, pl)
     centre = (cu + cl) / 2.0
 
@@ -265,14 +270,14 @@ def extract_ivv(volume: np.ndarray, pixel_spacing_mm: tuple[float, float] | floa
     for s_ in src:
         if s_ < 0:
             continue
-        polys = [p[s_] for p in (pu, pl) if s_ in p]
+        polys = [p[s_] for p in (pu, pl_for_scale) if s_ in p]
         m = _slice_median(volume, s_, polys) if polys else None
         if m is not None:
             medians[s_] = m
     if not medians:  # no outline on the used slices: nearest slices with outlines
         for s_ in sorted(detected, key=lambda k: abs(k - mid)):
             if 0 <= s_ < n_sl:
-                m = _slice_median(volume, s_, [p[s_] for p in (pu, pl) if s_ in p])
+                m = _slice_median(volume, s_, [p[s_] for p in (pu, pl_for_scale) if s_ in p])
                 if m is not None:
                     medians[s_] = m
                     break
@@ -314,13 +319,14 @@ def extract_ivv(volume: np.ndarray, pixel_spacing_mm: tuple[float, float] | floa
         slices=[int(s_) for s_ in src], mid_slice=int(mid), width_mm=float(width_mm), height_mm=float(height_mm),
         pixel_spacing_mm=(float(sp[0]), float(sp[1])),
         upper_id=None if uid is None else int(uid), lower_id=None if lid is None else int(lid),
-        medians=used_medians,
+        medians=used_medians, lower_estimated=lower_estimated,
     )
 
 
 def extract_ivvs(volume: np.ndarray, pixel_spacing_mm: tuple[float, float] | float, vertebrae: Iterable[Any],
                  levels: Sequence[str] = DEFAULT_GRADED_DISCS) -> list[IVV]:
-    """IVVs of every disc in ``levels`` whose two vertebrae are labelled, caudal first.
+    """IVVs of every disc in ``levels`` whose two vertebrae are labelled, caudal first; L5-S1 also
+    when L5 is the lowest labelled body and the sacrum's place is in the image (:func:`estimated_s1`).
 
     ``vertebrae``: dicts (or objects) with ``level`` (None = unlabelled, skipped), ``polygons``
     {slice: (4, 2) (row, col) SA, SP, IP, IA} and ``centroid`` (slice, row, col), optionally
@@ -337,6 +343,11 @@ def extract_ivvs(volume: np.ndarray, pixel_spacing_mm: tuple[float, float] | flo
             continue
         by_level[lvl] = v
     wanted = set(levels)
+    below_l5 = {"S1", "L6"}  # a body labelled below L5 (L6: six lumbar vertebrae) is not S1's place
+    if "L5-S1" in wanted and "L5" in by_level and not below_l5 & set(by_level):
+        s1 = estimated_s1(np.shape(volume), pixel_spacing_mm, by_level["L5"], by_level.get("L4"))
+        if s1 is not None:
+            by_level["S1"] = s1
     order = list(LEVELS) + ["S2"]
     out = []
     for i in range(len(order) - 1):
@@ -348,6 +359,48 @@ def extract_ivvs(volume: np.ndarray, pixel_spacing_mm: tuple[float, float] | flo
             continue
         out.append(extract_ivv(volume, pixel_spacing_mm, by_level[upper_name], by_level[lower_name], name))
     return out
+
+
+def estimated_s1(volume_shape: Sequence[int], pixel_spacing_mm: tuple[float, float] | float, l5: Any,
+                 l4: Any = None) -> dict | None:
+    """Where S1 lies when L5 is labelled but the sacrum was not detected, or None when that place
+    is outside the image.
+
+    Why: the top of the sacrum is the body the detector misses most on scans unlike its training
+    data (on SPIDER's single mid-sagittal slices about one series in four), and without it the
+    L5-S1 disc, the one most often degenerate, would go ungraded although it is in view. The
+    grading box needs only the disc centre, L5's endplate and a body width, so S1's outline is
+    taken as L5's moved caudally along L5's own axis (superior -> inferior endplate midpoints, on
+    every slice) by one L5 body height plus one disc height: the L4-L5 disc's when L4 is given
+    (clamped to 15-50 % of the body height), else 30 % of it. The result is marked ``estimated``:
+    :func:`extract_ivv` then scales intensities by L5 alone, and the disc's row says so.
+    """
+    pu = _norm_polygons(_get(l5, "polygons") or {})
+    if not pu:
+        return None
+    sp = np.asarray(pixel_spacing_mm if not np.isscalar(pixel_spacing_mm) else (pixel_spacing_mm,) * 2,
+                    float).reshape(2)
+    poly = _poly_near(pu, _mid_slice_of(pu)) * sp  # mm, SA SP IP IA
+    top, bottom = (poly[0] + poly[1]) / 2, (poly[2] + poly[3]) / 2
+    axis = bottom - top
+    body_mm = float(np.hypot(*axis))
+    if not np.isfinite(body_mm) or body_mm < 1e-3:
+        return None
+    axis /= body_mm
+    disc_mm = 0.3 * body_mm
+    above = _norm_polygons(_get(l4, "polygons") or {}) if l4 is not None else {}
+    if above:
+        a = _poly_near(above, _mid_slice_of(above)) * sp
+        gap = float(np.dot(top - (a[2] + a[3]) / 2, axis))
+        if np.isfinite(gap):
+            disc_mm = float(np.clip(gap, 0.15 * body_mm, 0.5 * body_mm))
+    shift_px = axis * (body_mm + disc_mm) / sp
+    centroid = _centroid(l5, pu) + np.array([0.0, *shift_px])
+    rows, cols = int(volume_shape[-2]), int(volume_shape[-1])
+    if not (0 <= centroid[1] <= rows - 1 and 0 <= centroid[2] <= cols - 1):
+        return None  # the sacrum's place is cut off by the image edge: nothing to grade there
+    return {"level": "S1", "vertebra_id": None, "estimated": True, "centroid": centroid,
+            "polygons": {k: p + shift_px[None] for k, p in pu.items()}}
 
 
 # ----------------------------------------------------------------------------- storage

@@ -251,6 +251,8 @@ class ExtractDiscsStage(Stage):
                 "box_corners": [float(v) for v in next(iter(box.values())).reshape(-1)],
                 # source slices the IVV holds (the rest is zero padding): what grading sees
                 "grading_slices": int(sum(s >= 0 for s in ivv.slices)),
+                # L5-S1 placed below L5 because the sacrum was not detected (discs.estimated_s1)
+                "lower_vertebra_estimated": bool(ivv.lower_estimated),
             })
         return pd.DataFrame(records)
 

@@ -176,9 +176,9 @@ def test_centre_round_trip_to_source_grid():
 def test_extract_ivvs_levels_and_unlabelled():
     vol, sp, verts = tilted_pair(8.0)
     extra = dict(verts[1], level=None, vertebra_id=2)
-    assert [v.level for v in extract_ivvs(vol, sp, verts + [extra])] == ["L4-L5"]
-    assert extract_ivvs(vol, sp, verts, levels=("L5-S1",)) == []
-    ivv = extract_ivvs(vol, sp, verts)[0]
+    assert [v.level for v in extract_ivvs(vol, sp, verts + [extra], levels=("L4-L5", "L3-L4"))] == ["L4-L5"]
+    assert extract_ivvs(vol, sp, verts, levels=("L3-L4",)) == []  # L3 is not labelled
+    ivv = extract_ivvs(vol, sp, verts, levels=("L4-L5",))[0]
     assert (ivv.upper_id, ivv.lower_id) == (1, 0)
 
 
@@ -201,3 +201,34 @@ def test_synthetic_scan_and_storage(tmp_path):
     np.testing.assert_allclose(vols[2], ivvs[2].volume, atol=1e-3)
     with np.load(path) as z:
         assert z["slices"].shape == (6, 9) and z["box_corners"].shape == (6, 4, 2)
+
+
+def test_l5_s1_placed_below_l5_when_the_sacrum_is_not_detected():
+    angle = 15.0
+    vol, sp, verts = tilted_pair(angle_deg=angle)  # L4 above L5, 24 mm bodies, 8 mm disc, no S1
+    ivvs = {v.level: v for v in extract_ivvs(vol, sp, verts, levels=("L4-L5", "L5-S1"))}
+    assert set(ivvs) == {"L4-L5", "L5-S1"}
+    l5s1 = ivvs["L5-S1"]
+    assert l5s1.lower_estimated and l5s1.lower_id is None and l5s1.upper_id == 0
+    assert not ivvs["L4-L5"].lower_estimated
+    # one L5 body height plus the L4-L5 disc height below L5 along its axis: the disc centre lies
+    # half that step below L5's centroid (the tilted pair's centre is (80, 80) mm, L5 16 mm below)
+    a = math.radians(angle)
+    e_v = np.array([math.cos(a), -math.sin(a)])
+    np.testing.assert_allclose(np.asarray(l5s1.centre[1:]) * np.asarray(sp), np.array([80.0, 80.0]) + 32.0 * e_v,
+                               atol=0.3)
+    assert math.isclose(l5s1.angle_rad, ivvs["L4-L5"].angle_rad, abs_tol=1e-9)  # L5's endplate, as for any disc
+    assert math.isclose(l5s1.width_mm, ivvs["L4-L5"].width_mm, rel_tol=1e-6)
+    # the intensity scale is L5's alone: the guessed outline below it does not enter the median
+    window, inside = polygon_mask(verts[0]["polygons"][3], vol.shape[1:])
+    assert l5s1.medians[4] == pytest.approx(float(np.median(vol[3][window][inside])))
+
+
+def test_no_estimated_s1_outside_the_image_or_below_a_sixth_lumbar_body():
+    vol, sp, verts = tilted_pair(angle_deg=0.0)
+    l5_bottom_row = max(p[:, 0].max() for p in verts[0]["polygons"].values())
+    cut = vol[:, : int(l5_bottom_row) + 5]  # the image ends just below L5: the sacrum is not in view
+    assert [v.level for v in extract_ivvs(cut, sp, verts, levels=("L4-L5", "L5-S1"))] == ["L4-L5"]
+    # six lumbar vertebrae: the body below "L5" is L6, so S1 is not where L5's neighbour would be
+    six = [dict(verts[0], level="L6"), dict(verts[1], level="L5")]
+    assert extract_ivvs(vol, sp, six, levels=("L4-L5", "L5-S1")) == []

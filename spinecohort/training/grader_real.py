@@ -144,7 +144,7 @@ def build_spider_ivvs(data_dir: str | Path, cache_dir: str | Path, levels: Seque
     series = pd.read_csv(data_dir / "series.csv")
     models = [default_model(r) for r in ("detector", "appearance", "context")]
     key = {"series_sha": sha256_file(data_dir / "series.csv"), "levels": list(levels),
-           "models": {p.name: sha256_file(p) for p in models}, "min_slices": 1}
+           "models": {p.name: sha256_file(p) for p in models}, "min_slices": 1, "estimated_s1": True}
     done, key_file = cache_dir / "ivv_table.csv", cache_dir / "cohort.json"
     if done.exists() and key_file.exists() and json.loads(key_file.read_text()) == key:
         return pd.read_csv(done, dtype={"scan_id": str, "subject_id": str, "level": str})
