@@ -151,6 +151,9 @@ class BeamConfig(StoredConfig):
     t13_penalty: float = 6.0              # extra thoracic vertebra T13 (between L1 and T12)
     four_lumbar_penalty: float = 6.0      # L1 absent without a gap (four lumbar vertebrae)
     transitional: bool = True             # allow L6, T13 and four lumbar vertebrae
+    # without C2 in view, re-count a transitional decoding from the sacrum (count_from_sacrum);
+    # off by default: the official family keeps the reference decoding
+    count_from_sacrum_without_c2: bool = False
     # a scan is flagged counting_variant_suspected when a decoding with the transitional penalties
     # at this (lower) value has a variant, even though the chosen labelling has none
     variant_probe_penalty: float = 6.0
@@ -496,6 +499,46 @@ def _has_variant(names: Sequence[str | None]) -> bool:
     return any(a == "L2" and b == "T12" for a, b in zip(present, present[1:]))
 
 
+#: chain positions of the standard levels (every state but the transitional L6 and T13)
+_STANDARD_RANK = {p: r for r, p in enumerate(i for i, c in enumerate(CHAIN) if c[0] not in _VARIANTS)}
+
+
+def count_from_sacrum(result: BeamResult, emissions: np.ndarray, gaps: np.ndarray | None) -> BeamResult:
+    """The decoding re-counted upwards from its sacrum without transitional states: an L6 becomes L5
+    and every body above it one level higher, likewise from a T13 up, and four lumbar vertebrae
+    become five (the levels above move down by one); sacral bodies and the levels the decoding
+    skipped over a gap (missed detections) are kept. Unchanged without an S1 (no anchor) or
+    without a variant.
+
+    Why: without C2 in view an extra or missing vertebra cannot be told from a count shifted by
+    one, and on unseen sites the networks' level beliefs do drift by one (on SPIDER's lumbar
+    slices the shipped labeller put an L6 above the sacrum in 8 % of series, where the
+    annotators, like readers of lumbar series, count from the sacrum). The re-counted bodies get
+    their local evidence (emission) as probability; the first decoding's hypotheses stay, so the
+    scan's confidence is low and its variant flag set: the doubt stays visible."""
+    labels, positions = list(result.labels), list(result.positions)
+    if "S1" not in labels or not _has_variant(labels) or len(positions) != len(labels):
+        return result
+    new = [positions[0]]
+    for i in range(1, len(positions)):
+        below, here = positions[i - 1], positions[i]
+        skipped = sum(1 for p in range(below + 1, here) if p in _STANDARD_RANK)
+        if CHAIN[below][0] == "L2" and CHAIN[here][0] == "T12" and (gaps is None or gaps[i - 1] < 1.5):
+            skipped = 0  # four lumbar vertebrae: L1 absent without a gap, not a missed L1
+        if here in _STANDARD_RANK and CHAIN[here][0].startswith("S"):
+            new.append(here)  # the sacrum stays where the decoding found it
+            continue
+        rank = _STANDARD_RANK[new[-1]] + 1 + skipped
+        above = next((p for p, r in _STANDARD_RANK.items() if r == rank), None)
+        if above is None:  # counted past the top of the chain: keep the decoding
+            return result
+        new.append(above)
+    names = [_CHAIN_NAMES[p] for p in new]
+    evidence = [float(emissions[i, _CHAIN_COL[p]] / max(float(emissions[i].sum()), 1e-12)) for i, p in enumerate(new)]
+    probabilities = [pr if p == q else ev for p, q, pr, ev in zip(new, positions, result.probabilities, evidence)]
+    return BeamResult(names, new, probabilities, result.cost, result.hypotheses)
+
+
 def raw_probabilities(result: BeamResult, emissions: np.ndarray) -> list[float]:
     """Raw probability per decoded body: the posterior marginal of its chosen label, capped by the
     local evidence (the emission's probability of that level at the body's height)."""
@@ -784,6 +827,8 @@ class Labeller:
                 em = em * probs_g
                 em /= em.sum(axis=1, keepdims=True) + 1e-12
         res_g = beam_search(em, self.beam, gap_ratios(centres[lead]))
+        if self.beam.count_from_sacrum_without_c2 and "C2" not in res_g.labels:
+            res_g = count_from_sacrum(res_g, em, gap_ratios(centres[lead]))
         probe = None
         if self.beam.transitional and self.beam.variant_probe_penalty < min(
                 self.beam.six_lumbar_penalty, self.beam.t13_penalty, self.beam.four_lumbar_penalty):

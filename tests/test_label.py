@@ -16,6 +16,7 @@ from spinecohort.label import (
     Labeller,
     beam_search,
     calibrated_probabilities,
+    count_from_sacrum,
     fit_probability_calibration,
     extract_appearance_volume,
     gap_ratios,
@@ -341,3 +342,45 @@ def test_labelling_evaluation_records_calibration_and_fits_it(tmp_path, capsys):
     assert ev.main(["--calibrate-from", str(path)]) == 0
     out = capsys.readouterr().out
     assert "probability_calibration (fitted on" in out and "ECE" in out
+
+
+def test_without_c2_a_transitional_count_is_recounted_from_the_sacrum():
+    gaps = gap_ratios(centres([38] * 8))
+    six_e = emissions(["S1", "L5", "L5", "L4", "L3", "L2", "L1", "T12", "T11"])
+    six_e[1:3, 0] = 1e-3
+    six = beam_search(six_e, gaps=gaps)
+    assert six.labels[:2] == ["S1", "L6"]
+    recounted = count_from_sacrum(six, six_e, gaps)
+    assert recounted.labels == ["S1", "L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10"]
+    # the networks disagree with the re-count: the scan's confidence is low and the variant flagged
+    summary = level_summary(recounted)
+    assert "counting_variant_suspected" in summary.flags and "low_confidence" in summary.flags
+
+    t13_e = emissions(["S1", "L5", "L4", "L3", "L2", "L1", "T12", "T12", "T11"])
+    t13 = beam_search(t13_e, gaps=gaps)
+    assert "T13" in t13.labels
+    assert count_from_sacrum(t13, t13_e, gaps).labels == ["S1", "L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10"]
+
+    four_gaps = gap_ratios(centres([38] * 6))
+    four_e = emissions(["S1", "L5", "L4", "L3", "L2", "T12", "T11"])
+    four = beam_search(four_e, gaps=four_gaps)
+    assert four.labels == ["S1", "L5", "L4", "L3", "L2", "T12", "T11"]
+    assert count_from_sacrum(four, four_e, four_gaps).labels == ["S1", "L5", "L4", "L3", "L2", "L1", "T12"]
+
+
+def test_recount_keeps_sacral_segments_and_missed_levels_and_needs_an_s1():
+    # S2 below S1 and a missed L3 (a double gap) survive the re-count; only the L6 goes
+    E = emissions(["S1", "S1", "L5", "L5", "L4", "L2", "L1", "T12"])
+    E[2:4, 0] = 1e-3
+    gaps = gap_ratios(centres([30, 38, 38, 38, 76, 38, 38]))
+    res = beam_search(E, gaps=gaps)
+    assert res.labels == ["S2", "S1", "L6", "L5", "L4", "L2", "L1", "T12"]
+    assert count_from_sacrum(res, E, gaps).labels == ["S2", "S1", "L5", "L4", "L3", "L1", "T12", "T11"]
+    # without an S1 there is nothing to count from: unchanged
+    no_s1 = beam_search(emissions(["L2", "L1", "T12", "T12", "T11", "T10"]), gaps=gap_ratios(centres([36, 32, 30, 28, 27])))
+    assert "T13" in no_s1.labels and count_from_sacrum(no_s1, np.ones((6, 24)), None) is no_s1
+
+
+def test_count_from_sacrum_is_shipped_but_not_the_reference_default():
+    assert BeamConfig().count_from_sacrum_without_c2 is False  # official family: reference decoding
+    assert Labeller.load(APPEARANCE, CONTEXT).beam.count_from_sacrum_without_c2 is True

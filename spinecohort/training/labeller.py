@@ -88,7 +88,10 @@ DEFAULT_CACHE = Path("/tmp/spinecohort-labeller-cache")
 #: sacrum (L5 -> S1, S1 -> S2) or insert a T13 (git 3bc86db:models/context-cpu-v2.md); with v3's networks
 #: sacral segments at 10-16 nats scored alike, 12 taken (models/context-cpu-v3.md). The logistic
 #: map of level_probability was fitted the same way (``spinecohort.evaluation.labelling --calibrate-from``).
-SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 12.0, "probability_calibration": (2.2862, -0.8545, 0.0667)}
+#: Without C2 in view a transitional decoding is re-counted from the sacrum (label.count_from_sacrum):
+#: on SPIDER's lumbar slices the labeller otherwise put an L6 above the sacrum in 8 % of series.
+SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 12.0, "probability_calibration": (2.2862, -0.8545, 0.0667),
+                "count_from_sacrum_without_c2": True}
 DEFAULT_APPEARANCE = default_model_path("appearance")
 DEFAULT_CONTEXT = default_model_path("context")
 FOV_PROBS = (("lumbar", 0.40), ("whole", 0.35), ("cervical", 0.25))
@@ -597,12 +600,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--probability-calibration", type=float, nargs="*", default=SHIPPED_BEAM["probability_calibration"],
                    metavar="COEF", help="a b c of level_probability = sigmoid(a + b flagged + c logit(raw)) (fit them "
                                         "with spinecohort.evaluation.labelling --calibrate-from on leave-one-site-out runs)")
+    p.add_argument("--count-from-sacrum", action=argparse.BooleanOptionalAction,
+                   default=SHIPPED_BEAM["count_from_sacrum_without_c2"],
+                   help="without C2 in view, re-count a decoding with L6 / T13 / four lumbar from the sacrum")
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     beam = replace(BeamConfig(), six_lumbar_penalty=args.variant_penalty, t13_penalty=args.variant_penalty,
                    four_lumbar_penalty=args.variant_penalty, s2_penalty=args.sacral_penalty,
                    sacral_penalty=args.sacral_penalty,
-                   probability_calibration=tuple(args.probability_calibration))
+                   probability_calibration=tuple(args.probability_calibration),
+                   count_from_sacrum_without_c2=args.count_from_sacrum)
     if args.stage == "beam":
         from ..label import CONTEXT_FORMAT, load_labeller_net
 
