@@ -204,3 +204,24 @@ def test_group_share_batches():
     it = _batches_of(80, 16, np.random.default_rng(0), group, 0.0)
     seen = np.concatenate([next(it) for _ in range(5)])
     assert len(np.unique(seen)) == 80
+
+
+def test_default_decision_rule_for_a_new_grader():
+    from spinecohort.training.grader_real import PHANTOM_ONLY_TASKS, REPORT_TASKS, default_decision
+
+    def figures(ba, kappa=0.5):
+        return {t: {"balanced_accuracy": {"estimate": ba.get(t, 0.6)}, "kappa": {"estimate": kappa}} for t in REPORT_TASKS}
+
+    def rep(new_ba, new_kappa, phantom_new=0.8):
+        return {"models": {"cv": {"all_graded_levels": figures(new_ba, new_kappa)},
+                           "baseline": {"all_graded_levels": figures({"Pfirrmann": 0.48}, 0.50)}},
+                "synthetic": {"new": {t: {"estimate": phantom_new} for t in PHANTOM_ONLY_TASKS},
+                              "baseline": {t: {"estimate": 0.8} for t in PHANTOM_ONLY_TASKS}}}
+
+    assert default_decision(rep({"Pfirrmann": 0.52}, 0.55))["make_default"]
+    # Pfirrmann must improve on both measures
+    assert not default_decision(rep({"Pfirrmann": 0.52}, 0.49))["make_default"]
+    # another SPIDER task may not fall by more than 0.02, a phantom-only task not by more than 0.03
+    assert default_decision(rep({"Pfirrmann": 0.52, "Herniation": 0.585}, 0.55))["make_default"]
+    assert not default_decision(rep({"Pfirrmann": 0.52, "Herniation": 0.57}, 0.55))["make_default"]
+    assert not default_decision(rep({"Pfirrmann": 0.52}, 0.55, phantom_new=0.76))["make_default"]
