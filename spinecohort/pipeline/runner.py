@@ -103,6 +103,7 @@ def run_shard_stage(stage_name: str, config: Mapping[str, Any], manifest_file: s
             status = {"status": "ok", "error": ""}
         status.update(seconds=seconds, device=stage.device or "", gpu_model=stage.gpu_model)
         records.write(context, status, result)
+        context.release()
 
     # The shard's files are assembled from the records, in manifest order, whether or not the job
     # was interrupted: a resumed shard is written exactly as an uninterrupted one.
