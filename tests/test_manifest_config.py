@@ -64,9 +64,8 @@ def test_config_defaults_and_validation(tmp_path):
 
 
 def test_config_file_holds_the_defaults():
-    # config/config.yaml (read by the Snakefile) and config.DEFAULTS (the Python entry points'
-    # start) are two copies of the defaults: one file in the package for both would need the
-    # Snakefile to read it, so this keeps them from drifting apart instead.
+    # config/config.yaml (read by the Snakefile) is a link to the package's defaults.yaml, which
+    # config.DEFAULTS (the Python entry points' start) is read from: the two cannot drift apart.
     from pathlib import Path
 
     import yaml
