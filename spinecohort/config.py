@@ -92,15 +92,6 @@ def manifest_path(config: Mapping[str, Any]) -> Path:
     return Path(config["manifest"]) if config.get("manifest") else demo_paths(config)["manifest"]
 
 
-def pipeline_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config the cohort's stages, tables and report see: without the training-only keys, so
-    that changing them neither re-runs those jobs (Snakemake compares rule params) nor changes
-    their outputs."""
-    from .provenance import TRAINING_KEYS
-
-    return {k: v for k, v in config.items() if k not in TRAINING_KEYS}
-
-
 def labels_path(config: Mapping[str, Any]) -> Path | None:
     if config.get("labels"):
         return Path(config["labels"])

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import ingest as ingest_mod
+from .config_keys import STAGE_KEYS
 from .pipeline.context import ScanContext, Stage
 from .models import load_models
 
@@ -87,7 +88,6 @@ def canonical_vertebrae(scan: ScanContext, rows: pd.DataFrame) -> list[dict]:
 
 class IngestStage(Stage):
     name = "ingest"
-    config_keys = ("keep_series_uid",)
 
     def run_scan(self, scan: ScanContext) -> pd.DataFrame:
         series_arg = scan.row.get("series") or None
@@ -115,7 +115,6 @@ class IngestStage(Stage):
 
 class DetectStage(Stage):
     name = "detect"
-    config_keys = ("models.family", "models.dir", "models.precision")
     after = "ingest"
 
     def __init__(self, config: Mapping[str, Any]):
@@ -141,7 +140,6 @@ SCAN_LEVEL_COLUMNS = ("level_confidence", "level_flags")
 
 class LabelStage(Stage):
     name = "label"
-    config_keys = ("models.family", "models.dir", "models.precision")
     after = "detect"
     needs_rows_of = ("detect",)
 
@@ -179,7 +177,6 @@ def ivv_path(workdir: Path, scan_id: str) -> Path:
 
 class ExtractDiscsStage(Stage):
     name = "extract_discs"
-    config_keys = ("graded_discs",)
     after = "label"
     needs_rows_of = ("label",)
 
@@ -216,8 +213,6 @@ class ExtractDiscsStage(Stage):
 # ----------------------------------------------------------------------------- grading
 class GradeStage(Stage):
     name = "grade"
-    config_keys = ("models.family", "models.dir", "models.precision", "models.grader", "tta", "hotspots",
-                   "hotspot_tasks")
     after = "extract_discs"
     needs_rows_of = ("extract_discs",)
     # Discs per shard with hotspot montages when config hotspots = report: examples, not every
@@ -280,14 +275,19 @@ class GradeStage(Stage):
 STAGES: tuple[type[Stage], ...] = (IngestStage, DetectStage, LabelStage, ExtractDiscsStage, GradeStage)
 
 
-def _check_order(stages: tuple[type[Stage], ...]) -> None:
-    """Each stage takes the ok scans of the stage it names in ``after``: that one must come earlier."""
+def _check_stages(stages: tuple[type[Stage], ...]) -> None:
+    """Each stage takes the ok scans of the stage it names in ``after``: that one must come earlier.
+    Each stage's config keys are listed in config_keys.STAGE_KEYS: checked at import rather than by
+    the stage's first job."""
     for index, stage in enumerate(stages):
         if stage.after is not None and stage.after not in [s.name for s in stages[:index]]:
             raise RuntimeError(f"stage {stage.name!r} runs after {stage.after!r}, which is not an earlier stage")
+    if set(STAGE_KEYS) != {stage.name for stage in stages}:
+        raise RuntimeError(f"config_keys.STAGE_KEYS lists {sorted(STAGE_KEYS)}, the stages are "
+                           f"{[stage.name for stage in stages]}")
 
 
-_check_order(STAGES)
+_check_stages(STAGES)
 
 
 def stage_classes() -> dict[str, type[Stage]]:

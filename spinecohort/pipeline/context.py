@@ -98,16 +98,13 @@ class Stage:
     name: str = ""
     after: str | None = None  # stage whose ok scans this one processes
     needs_rows_of: tuple[str, ...] = ()  # earlier stages whose rows a scan needs
-    # config keys ("key" or "key.subkey") the stage reads beyond STAGE_COMMON_KEYS: it sees only
-    # these (stage_config), so changing another key (tta, models.grader) re-runs no other stage
-    config_keys: tuple[str, ...] = ()
 
     #: the torch device the stage's models run on ("cpu", "cuda"), set by model stages; None = no model
     device: str | None = None
     gpu_model: str = ""
 
     def __init__(self, config: Mapping[str, Any]):
-        self.config = config
+        self.config = config  # only the keys the stage reads (config_keys.config_for)
 
     def models(self) -> dict[str, str]:
         """Model id -> sha256 of the weights this stage used (provenance)."""
