@@ -5,7 +5,6 @@ from spinecohort.config import (
     manifest_path,
     labels_path,
     demo_paths,
-    pipeline_config,
 )
 from spinecohort.manifest import read_manifest, shard_keys
 
@@ -14,9 +13,6 @@ configfile: "config/config.yaml"
 
 
 CFG = resolve_config(config)
-# What the cohort's jobs see: without the training-only keys (grader_training), so changing those
-# re-runs none of them.
-PIPELINE_CFG = pipeline_config(CFG)
 OUT = CFG["outdir"]
 DEMO = not CFG["manifest"]
 MANIFEST = str(manifest_path(CFG))

@@ -9,34 +9,9 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
-from .schemes import DEFAULT_READING_SCHEMES, parse_reading_schemes
-
-# The defaults of config/config.yaml (what the Snakefile reads), for the entry points that run
-# without it; a test keeps the two equal.
-DEFAULTS: dict[str, Any] = {
-    "manifest": None,
-    "labels": None,
-    "outdir": "results",
-    "shard_size": 25,
-    "device": "auto",
-    "threads": 2,
-    "demo": {"n_scans": 12, "seed": 0},
-    "models": {"family": "cpu-default", "dir": None, "grader": None, "precision": "float32"},
-    "graded_discs": ["T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"],
-    "tta": 4,
-    "hotspots": "report",
-    "hotspot_tasks": None,  # tasks with hotspot montages; None = every task
-    "agreement": {"bootstrap": 2000, "seed": 0},
-    # labels columns on another scale, mapped onto a binary view of model tasks (spinecohort.schemes)
-    "reading_schemes": copy.deepcopy(DEFAULT_READING_SCHEMES),
-    "qc": True,
-    # keep work/series (the ingested scans) after each shard's last job; false removes them
-    "keep_intermediates": False,
-    "keep_series_uid": False,
-    # `snakemake train_grader`: patient-level k-fold CV of the grader on the labelled discs.
-    "grader_training": {"k": 5, "seed": 0, "init_weights": "shipped", "readers": None, "steps": None,
-                        "head_epochs": None, "batch_size": None, "final": True},
-}
+# Every key's default: the file config/config.yaml (the Snakefile's configfile) links to, so that the
+# Snakemake run and the entry points that run without it (``spinecohort predict``) start alike.
+DEFAULTS: dict[str, Any] = yaml.safe_load(resources.files("spinecohort").joinpath("defaults.yaml").read_text())
 
 
 class ConfigError(ValueError):
@@ -90,6 +65,8 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"config key outdir: {merged['outdir']!r} is {'the file-system root' if outdir == Path(outdir.anchor) else 'the home folder'}; give a folder of its own, e.g. results")
     if outdir.exists() and not outdir.is_dir():
         raise ConfigError(f"config key outdir: {merged['outdir']!r} exists and is not a folder")
+    from .schemes import parse_reading_schemes  # not at the top: schemes reads its defaults here
+
     try:
         parse_reading_schemes(merged["reading_schemes"])
     except ValueError as error:
@@ -113,15 +90,6 @@ def demo_paths(config: Mapping[str, Any]) -> dict[str, Path]:
 
 def manifest_path(config: Mapping[str, Any]) -> Path:
     return Path(config["manifest"]) if config.get("manifest") else demo_paths(config)["manifest"]
-
-
-def pipeline_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config the cohort's stages, tables and report see: without the training-only keys, so
-    that changing them neither re-runs those jobs (Snakemake compares rule params) nor changes
-    their outputs."""
-    from .provenance import TRAINING_KEYS
-
-    return {k: v for k, v in config.items() if k not in TRAINING_KEYS}
 
 
 def labels_path(config: Mapping[str, Any]) -> Path | None:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__
+from .config_keys import EXECUTION_KEYS, TRAINING_KEYS
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -27,13 +28,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-# Execution-only keys: where and how fast a run happens does not change its results.
-EXECUTION_KEYS = ("outdir", "threads", "shard_size", "keep_intermediates")
-# Keys only `snakemake train_grader` reads: they change none of the cohort's tables, so they are
-# not part of config_sha256 (the training outputs record them in their own metadata).
-TRAINING_KEYS = ("grader_training",)
 
 
 def config_sha256(config: Mapping[str, Any]) -> str:

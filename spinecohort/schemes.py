@@ -9,7 +9,7 @@ A scheme (config key ``reading_schemes``, keyed by the labels column) declares
 * ``model_tasks`` and ``model_above``: the model calls the finding when *any* of these tasks'
   grades exceeds ``model_above`` (one task: a threshold; several: "any of them").
 
-The shipped defaults map the columns ``make_cohort.py`` of the SPIDER data writes:
+The defaults (``spinecohort/defaults.yaml``) map the columns ``make_cohort.py`` of the SPIDER data writes:
 ``SPIDER_Narrowing`` (0/1, any narrowing) onto ``Narrowing>1`` (model Narrowing grade > 1) and
 ``SPIDER_Modic`` (Modic type 0-3) onto ``Marrow(any)`` (model UpperMarrow or LowerMarrow; a Modic
 change of any type is a marrow change above or below the disc). ``SPIDER_Bulging`` has no model
@@ -20,18 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from .config import DEFAULTS
 from .tasks import CCS_BINARY, TASK_BY_NAME, TASK_NAMES
 
 #: Columns of a labels file that are keys or covariates, never grades.
 KEY_COLUMNS = ("scan_id", "level", "reader", "subject_id", "site", "visit")
-
-DEFAULT_READING_SCHEMES: dict[str, dict[str, Any]] = {
-    "SPIDER_Narrowing": {"task": "Narrowing>1", "values": [0, 1], "positive": [1],
-                         "model_tasks": ["Narrowing"], "model_above": 1},
-    "SPIDER_Modic": {"task": "Marrow(any)", "values": [0, 1, 2, 3], "positive": [1, 2, 3],
-                     "model_tasks": ["UpperMarrow", "LowerMarrow"], "model_above": 0},
-}
-
 
 @dataclass(frozen=True)
 class ReadingScheme:
@@ -51,9 +44,9 @@ class ReadingScheme:
 
 
 def parse_reading_schemes(mapping: Mapping[str, Mapping[str, Any]] | None) -> list[ReadingScheme]:
-    """Schemes from the config mapping (``None``: the shipped defaults). Raises ``ValueError``
-    naming the column for what the JSON schema cannot check."""
-    mapping = DEFAULT_READING_SCHEMES if mapping is None else mapping
+    """Schemes from the config mapping (``None``: the defaults, config key ``reading_schemes``).
+    Raises ``ValueError`` naming the column for what the JSON schema cannot check."""
+    mapping = DEFAULTS["reading_schemes"] if mapping is None else mapping
     schemes, names = [], set()
     for column, spec in mapping.items():
         where = f"reading_schemes.{column}"

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import ingest as ingest_mod
-from .ingest import Series
+from .config_keys import STAGE_KEYS
 from .pipeline.context import ScanContext, Stage
 from .models import load_models
 
@@ -52,56 +52,16 @@ def gpu_name(device: str) -> str:
     return str(torch.cuda.get_device_name(torch.device(device)))
 
 
-# ----------------------------------------------------------------------------- orientation
-def canonical_flips(series: Series) -> tuple[bool, bool, bool]:
-    """Whether slices / rows / cols must be flipped for the networks' canonical view.
-
-    Canonical: slices run toward patient left, rows head -> feet, cols front -> back (LPS +x,
-    -z, +y). Results are mapped back to the stored grid, which is what the tables report.
-    """
-    slice_direction, row_direction, col_direction = (series.affine[:3, k] for k in range(3))
-    return bool(slice_direction[0] < 0), bool(row_direction[2] > 0), bool(col_direction[1] < 0)
-
-
-def canonical_volume(series: Series) -> np.ndarray:
-    flips = canonical_flips(series)
-    axes = tuple(axis for axis, flip in enumerate(flips) if flip)
-    # a copy, not np.ascontiguousarray: numpy calls a flip of a length-1 axis (a one-slice
-    # series) contiguous and keeps its negative stride, which torch rejects
-    return np.flip(series.volume, axis=axes).copy() if axes else np.ascontiguousarray(series.volume)
-
-
-def flip_points(series: Series, points: np.ndarray) -> np.ndarray:
-    """(n, 3) (slice, row, col) between the canonical view and the stored grid (self-inverse)."""
-    points = np.array(points, dtype=float, copy=True).reshape(-1, 3)
-    for axis, flip in enumerate(canonical_flips(series)):
-        if flip:
-            points[:, axis] = series.volume.shape[axis] - 1 - points[:, axis]
-    return points
-
-
-def flip_polygons(series: Series, polygons: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """{slice: (4, 2) (row, col)} between the canonical view and the stored grid (self-inverse)."""
-    flipped = {}
-    for slice_index, corners in polygons.items():
-        corners = np.asarray(corners, dtype=float).reshape(4, 2)
-        points = np.column_stack([np.full(4, float(slice_index)), corners])
-        moved = flip_points(series, points)
-        flipped[int(round(moved[0, 0]))] = moved[:, 1:]
-    return flipped
-
-
 # ----------------------------------------------------------------------------- detection
 def vertebra_rows(scan: ScanContext, detections: list) -> pd.DataFrame:
     """Contract rows (``tables/vertebrae.parquet``) from detections in the canonical view."""
-    series = scan.series
     rows = []
     for vertebra_id, detection in enumerate(detections):
-        stored = flip_polygons(series, detection.polygons)
+        stored = scan.canonical.flip_polygons(detection.polygons)
         slices = sorted(stored)
         polygons = [{"slice": s, "corners": [float(v) for v in stored[s].reshape(-1)]} for s in slices]
-        centroid = flip_points(series, np.asarray(detection.centroid, dtype=float))[0]
-        x, y, z = series.to_patient(centroid)[0]
+        centroid = scan.canonical.flip_points(np.asarray(detection.centroid, dtype=float))[0]
+        x, y, z = scan.series.to_patient(centroid)[0]
         rows.append({
             "scan_id": scan.scan_id, "vertebra_id": vertebra_id, "level": None, "level_probability": np.nan,
             "slice_min": slices[0], "slice_max": slices[-1],
@@ -116,19 +76,18 @@ def canonical_vertebrae(scan: ScanContext, rows: pd.DataFrame) -> list[dict]:
     """Vertebra rows of a scan as the stage modules take them: canonical view, caudal first."""
     if not len(rows):
         return []
-    series = scan.series
     vertebrae = []
     for _, row in rows.sort_values("vertebra_id").iterrows():
         stored = {int(p["slice"]): np.asarray(p["corners"], dtype=float).reshape(4, 2) for p in row["polygons"]}
-        centroid = flip_points(series, [row["centroid_slice"], row["centroid_row"], row["centroid_col"]])[0]
+        centroid = scan.canonical.flip_points([row["centroid_slice"], row["centroid_row"], row["centroid_col"]])[0]
         vertebrae.append({"vertebra_id": int(row["vertebra_id"]), "level": row.get("level"),
-                          "polygons": flip_polygons(series, stored), "centroid": tuple(float(v) for v in centroid)})
+                          "polygons": scan.canonical.flip_polygons(stored),
+                          "centroid": tuple(float(v) for v in centroid)})
     return vertebrae
 
 
 class IngestStage(Stage):
     name = "ingest"
-    config_keys = ("keep_series_uid",)
 
     def run_scan(self, scan: ScanContext) -> pd.DataFrame:
         series_arg = scan.row.get("series") or None
@@ -156,7 +115,6 @@ class IngestStage(Stage):
 
 class DetectStage(Stage):
     name = "detect"
-    config_keys = ("models.family", "models.dir", "models.precision")
     after = "ingest"
 
     def __init__(self, config: Mapping[str, Any]):
@@ -171,8 +129,7 @@ class DetectStage(Stage):
         return dict(self._models)
 
     def run_scan(self, scan: ScanContext) -> pd.DataFrame:
-        series = scan.series
-        detections = self.detector.detect(canonical_volume(series), series.pixel_spacing_mm)
+        detections = self.detector.detect(scan.canonical.volume, scan.series.pixel_spacing_mm)
         return vertebra_rows(scan, detections)
 
 
@@ -183,7 +140,6 @@ SCAN_LEVEL_COLUMNS = ("level_confidence", "level_flags")
 
 class LabelStage(Stage):
     name = "label"
-    config_keys = ("models.family", "models.dir", "models.precision")
     after = "detect"
     needs_rows_of = ("detect",)
 
@@ -204,7 +160,7 @@ class LabelStage(Stage):
             return rows
         rows = rows.sort_values("vertebra_id").reset_index(drop=True)
         series = scan.series
-        labels, summary = self.labeller.label_scan(canonical_volume(series), series.pixel_spacing_mm,
+        labels, summary = self.labeller.label_scan(scan.canonical.volume, series.pixel_spacing_mm,
                                                    series.slice_spacing_mm, canonical_vertebrae(scan, rows))
         rows["level"] = [level for level, _ in labels]
         rows["level_probability"] = [float(probability) for _, probability in labels]
@@ -221,7 +177,6 @@ def ivv_path(workdir: Path, scan_id: str) -> Path:
 
 class ExtractDiscsStage(Stage):
     name = "extract_discs"
-    config_keys = ("graded_discs",)
     after = "label"
     needs_rows_of = ("label",)
 
@@ -231,15 +186,15 @@ class ExtractDiscsStage(Stage):
         rows = scan.previous["label"]
         series = scan.series
         vertebrae = [v for v in canonical_vertebrae(scan, rows) if isinstance(v["level"], str)]
-        ivvs = extract_ivvs(canonical_volume(series), series.pixel_spacing_mm, vertebrae,
+        ivvs = extract_ivvs(scan.canonical.volume, series.pixel_spacing_mm, vertebrae,
                             levels=tuple(self.config["graded_discs"]))
         save_ivvs(ivv_path(scan.workdir, scan.scan_id), ivvs)
         vertebra_id = {v["level"]: v["vertebra_id"] for v in vertebrae}
         row_mm, col_mm = series.pixel_spacing_mm
         records = []
         for ivv in ivvs:
-            centre = flip_points(series, np.asarray(ivv.centre, dtype=float))[0]
-            box = flip_polygons(series, {int(round(ivv.centre[0])): ivv.box_corners})
+            centre = scan.canonical.flip_points(np.asarray(ivv.centre, dtype=float))[0]
+            box = scan.canonical.flip_polygons({int(round(ivv.centre[0])): ivv.box_corners})
             x, y, z = series.to_patient(centre)[0]
             records.append({
                 "scan_id": scan.scan_id, "level": ivv.level,
@@ -260,8 +215,6 @@ class ExtractDiscsStage(Stage):
 # ----------------------------------------------------------------------------- grading
 class GradeStage(Stage):
     name = "grade"
-    config_keys = ("models.family", "models.dir", "models.precision", "models.grader", "tta", "hotspots",
-                   "hotspot_tasks")
     after = "extract_discs"
     needs_rows_of = ("extract_discs",)
     # Discs per shard with hotspot montages when config hotspots = report: examples, not every
@@ -324,14 +277,19 @@ class GradeStage(Stage):
 STAGES: tuple[type[Stage], ...] = (IngestStage, DetectStage, LabelStage, ExtractDiscsStage, GradeStage)
 
 
-def _check_order(stages: tuple[type[Stage], ...]) -> None:
-    """Each stage takes the ok scans of the stage it names in ``after``: that one must come earlier."""
+def _check_stages(stages: tuple[type[Stage], ...]) -> None:
+    """Each stage takes the ok scans of the stage it names in ``after``: that one must come earlier.
+    Each stage's config keys are listed in config_keys.STAGE_KEYS: checked at import rather than by
+    the stage's first job."""
     for index, stage in enumerate(stages):
         if stage.after is not None and stage.after not in [s.name for s in stages[:index]]:
             raise RuntimeError(f"stage {stage.name!r} runs after {stage.after!r}, which is not an earlier stage")
+    if set(STAGE_KEYS) != {stage.name for stage in stages}:
+        raise RuntimeError(f"config_keys.STAGE_KEYS lists {sorted(STAGE_KEYS)}, the stages are "
+                           f"{[stage.name for stage in stages]}")
 
 
-_check_order(STAGES)
+_check_stages(STAGES)
 
 
 def stage_classes() -> dict[str, type[Stage]]:

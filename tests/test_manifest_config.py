@@ -64,9 +64,8 @@ def test_config_defaults_and_validation(tmp_path):
 
 
 def test_config_file_holds_the_defaults():
-    # config/config.yaml (read by the Snakefile) and config.DEFAULTS (the Python entry points'
-    # start) are two copies of the defaults: one file in the package for both would need the
-    # Snakefile to read it, so this keeps them from drifting apart instead.
+    # config/config.yaml (read by the Snakefile) is a link to the package's defaults.yaml, which
+    # config.DEFAULTS (the Python entry points' start) is read from: the two cannot drift apart.
     from pathlib import Path
 
     import yaml
@@ -75,3 +74,22 @@ def test_config_file_holds_the_defaults():
 
     config_file = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
     assert yaml.safe_load(config_file.read_text()) == DEFAULTS
+
+
+def test_each_job_sees_only_the_keys_it_reads():
+    from spinecohort.config_keys import config_for
+    from spinecohort.provenance import config_sha256
+
+    config = resolve_config({})
+    assert config_for(config, "detect") == {"outdir": "results", "shard_size": 25, "device": "auto", "threads": 2,
+                                            "models": {"family": "cpu-default", "dir": None, "precision": "float32"}}
+    assert "tta" in config_for(config, "grade") and "tta" not in config_for(config, "detect")
+    # the cohort's jobs never see the training settings; each training rule the settings it uses
+    assert "grader_training" not in config_for(config, "report")
+    assert set(config_for(config, "grader_cv")["grader_training"]) == set(config["grader_training"]) - {"final"}
+    assert set(config_for(config, "grader_final")["grader_training"]) == set(config["grader_training"]) - {"final", "k"}
+    assert config_for(config, "grader_card") == config
+    # where and how fast a run happens, and the training settings, leave config_sha256 alone
+    assert config_sha256(config) == config_sha256({**config, "threads": 8, "outdir": "elsewhere",
+                                                   "grader_training": {"k": 3}})
+    assert config_sha256(config) != config_sha256({**config, "tta": 2})

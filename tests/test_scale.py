@@ -133,14 +133,15 @@ def test_killed_shard_resumes_at_its_next_scan(tmp_path, monkeypatch):
 
 
 def test_records_of_an_interrupted_run_under_another_config_are_not_reused(tmp_path, monkeypatch):
+    from spinecohort.config_keys import config_for
     from spinecohort.pipeline import (ScanContext, ScanRecords, _resume_key, run_shard_stage, shard_dir,
-                                      stage_classes, stage_config)
+                                      stage_classes)
 
     manifest = write_cohort(tmp_path / "cohort", 2)
     config = resolve_config({"manifest": str(manifest), "outdir": str(tmp_path / "out"), "shard_size": 2})
     here = shard_dir(config["outdir"], 0)
     # what a run killed after s0 leaves behind, under keep_series_uid: false
-    stage_cfg = stage_config(config, "ingest")
+    stage_cfg = config_for(config, "ingest")
     records = ScanRecords(here / "partial" / "ingest", _resume_key(stage_classes()["ingest"](stage_cfg), stage_cfg, here))
     row = read_manifest(manifest).iloc[0].to_dict()
     records.write(ScanContext(scan_id="s0", row=row, workdir=Path(config["outdir"]) / "work"),

@@ -17,7 +17,7 @@ from typing import Any
 from .context import ScanContext, Stage, remove_intermediates, scan_series, series_path, shard_dir
 
 _LAZY = {
-    **dict.fromkeys(("run_in_process", "run_shard_stage", "stage_config", "ScanRecords", "_resume_key"), ".runner"),
+    **dict.fromkeys(("run_in_process", "run_shard_stage", "ScanRecords", "_resume_key"), ".runner"),
     **dict.fromkeys(("DISC_COLUMNS", "MODEL_STAGES", "SCAN_COLUMNS", "VERTEBRA_COLUMNS", "collect_rows",
                      "derived_tables", "render_shard_qc", "write_cohort_tables"), ".tables"),
     **dict.fromkeys(("stage_classes", "stage_order", "IngestStage"), "spinecohort.stages"),

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping
 import pandas as pd
 
 from .. import ingest as ingest_mod
+from ..orientation import CanonicalView
 
 log = logging.getLogger("spinecohort")
 
@@ -33,6 +34,7 @@ class ScanContext:
     workdir: Path
     previous: dict[str, pd.DataFrame] = field(default_factory=dict)  # stage name -> this scan's rows
     _series: ingest_mod.Series | None = None
+    _canonical: CanonicalView | None = None
 
     @property
     def series_path(self) -> Path:
@@ -43,6 +45,19 @@ class ScanContext:
         if self._series is None:
             self._series = scan_series(self.workdir, self.row)
         return self._series
+
+    @property
+    def canonical(self) -> CanonicalView:
+        """The series in the networks' canonical view, made once for the scan: the stage's network
+        reads its volume and the stage maps the results back to the stored grid with it."""
+        if self._canonical is None:
+            self._canonical = CanonicalView.of(self.series)
+        return self._canonical
+
+    def release(self) -> None:
+        """Drop the scan's series and canonical view once the stage is done with the scan: the shard
+        job keeps every scan's context to the end, and would otherwise hold every volume."""
+        self._series = self._canonical = None
 
 
 def series_path(workdir: Path, scan_id: str) -> Path:
@@ -83,16 +98,13 @@ class Stage:
     name: str = ""
     after: str | None = None  # stage whose ok scans this one processes
     needs_rows_of: tuple[str, ...] = ()  # earlier stages whose rows a scan needs
-    # config keys ("key" or "key.subkey") the stage reads beyond STAGE_COMMON_KEYS: it sees only
-    # these (stage_config), so changing another key (tta, models.grader) re-runs no other stage
-    config_keys: tuple[str, ...] = ()
 
     #: the torch device the stage's models run on ("cpu", "cuda"), set by model stages; None = no model
     device: str | None = None
     gpu_model: str = ""
 
     def __init__(self, config: Mapping[str, Any]):
-        self.config = config
+        self.config = config  # only the keys the stage reads (config_keys.config_for)
 
     def models(self) -> dict[str, str]:
         """Model id -> sha256 of the weights this stage used (provenance)."""

@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config_keys import RESUME_IGNORED_KEYS, config_for
 from ..manifest import read_manifest, shard_rows
 from ..provenance import make_provenance, sha256_file, write_table
 from ..stages import stage_classes, stage_order
@@ -34,26 +35,6 @@ from .tables import render_shard_qc, write_cohort_tables
 
 log = logging.getLogger("spinecohort")
 
-#: Config keys every stage job gets (where outputs go, which scans, the compute it may use).
-STAGE_COMMON_KEYS = ("outdir", "shard_size", "device", "threads")
-
-
-def stage_config(config: Mapping[str, Any], stage_name: str) -> dict[str, Any]:
-    """The part of ``config`` that stage ``stage_name`` reads (:attr:`Stage.config_keys`). The
-    Snakefile passes it as the stage rule's params (Snakemake re-runs a job when its params
-    change) and :func:`run_shard_stage` runs the stage on it, so an undeclared key fails loudly."""
-    out: dict[str, Any] = {}
-    for key in STAGE_COMMON_KEYS + stage_classes()[stage_name].config_keys:
-        head, _, sub = key.partition(".")
-        if head not in config:
-            continue
-        if not sub:
-            out[head] = config[head]
-        elif sub in config[head]:
-            out.setdefault(head, {})[sub] = config[head][sub]
-    return out
-
-
 def run_shard_stage(stage_name: str, config: Mapping[str, Any], manifest_file: str | Path, shard: int,
                     created_by: str | None = None, rows: pd.DataFrame | None = None) -> None:
     """Run one stage over one shard and write its status and rows.
@@ -61,7 +42,7 @@ def run_shard_stage(stage_name: str, config: Mapping[str, Any], manifest_file: s
     ``rows``: the shard's manifest rows (the Snakemake job reads them from the shard's own
     manifest); default: shard ``shard`` of ``manifest_file``. Scans recorded as done by an earlier,
     interrupted run of the same job (same config, models and inputs) are not run again."""
-    config = stage_config(config, stage_name)
+    config = config_for(config, stage_name)
     stage = stage_classes()[stage_name](config)
     outdir = Path(config["outdir"])
     workdir = outdir / "work"
@@ -103,6 +84,7 @@ def run_shard_stage(stage_name: str, config: Mapping[str, Any], manifest_file: s
             status = {"status": "ok", "error": ""}
         status.update(seconds=seconds, device=stage.device or "", gpu_model=stage.gpu_model)
         records.write(context, status, result)
+        context.release()
 
     # The shard's files are assembled from the records, in manifest order, whether or not the job
     # was interrupted: a resumed shard is written exactly as an uninterrupted one.
@@ -124,11 +106,11 @@ def run_shard_stage(stage_name: str, config: Mapping[str, Any], manifest_file: s
 
 
 def _resume_key(stage: Stage, config: Mapping[str, Any], here: Path) -> str:
-    """What a scan's result depends on besides its manifest row: the stage's config (not its
-    thread count), the weights and the earlier stages' files of the shard. A record made under
+    """What a scan's result depends on besides its manifest row: the stage's config (less
+    RESUME_IGNORED_KEYS), the weights and the earlier stages' files of the shard. A record made under
     another key (the config or an earlier stage changed since the interrupted run) is not used."""
     upstream = ([f"{stage.after}.status.parquet"] if stage.after else []) + [f"{n}.parquet" for n in stage.needs_rows_of]
-    key = {"stage": stage.name, "config": {k: v for k, v in config.items() if k != "threads"},
+    key = {"stage": stage.name, "config": {k: v for k, v in config.items() if k not in RESUME_IGNORED_KEYS},
            "models": stage.models(),
            "upstream": {name: sha256_file(here / name) if (here / name).exists() else None for name in upstream}}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()

@@ -4,7 +4,8 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from spinecohort.pipeline import stage_classes, stage_config, stage_order
+from spinecohort.config_keys import config_for
+from spinecohort.pipeline import stage_classes, stage_order
 
 STAGES = stage_order()
 LAST_STAGE = STAGES[-1]

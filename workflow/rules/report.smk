@@ -41,6 +41,6 @@ rule report:
     container:
         CONTAINER
     params:
-        config=PIPELINE_CFG,
+        config=config_for(CFG, "report"),
     script:
         "../../scripts/report.py"

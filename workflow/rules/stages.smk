@@ -20,7 +20,7 @@ rule:
     threads: CFG["threads"]
     params:
         stage=STAGES[0],
-        config=stage_config(PIPELINE_CFG, STAGES[0]),
+        config=config_for(CFG, STAGES[0]),
         rows=shard_key,
     script:
         "../../scripts/run_stage.py"
@@ -45,7 +45,7 @@ for _stage in STAGES[1:]:
         threads: CFG["threads"]
         params:
             stage=_stage,
-            config=stage_config(PIPELINE_CFG, _stage),
+            config=config_for(CFG, _stage),
         script:
             "../../scripts/run_stage.py"
 
@@ -64,6 +64,6 @@ rule qc:
     container:
         CONTAINER
     params:
-        config=PIPELINE_CFG,
+        config=config_for(CFG, "qc"),
     script:
         "../../scripts/render_qc.py"

@@ -21,7 +21,7 @@ rule cohort_tables:
     container:
         CONTAINER
     params:
-        config=PIPELINE_CFG,
+        config=config_for(CFG, "cohort_tables"),
         n_shards=len(SHARDS),
     script:
         "../../scripts/cohort_tables.py"

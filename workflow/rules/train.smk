@@ -10,16 +10,6 @@ from spinecohort.training.grader_rules import CV_DIR, IVV_STAGE, init_weights_pa
 GT = CFG["grader_training"]
 CV = f"{OUT}/{CV_DIR}"
 GRADER_INIT = init_weights_path(GT["init_weights"])
-# Each training rule sees only the settings it uses, so that changing one (e.g. final) does not
-# re-run the others (Snakemake re-runs a job whose params changed).
-CV_CFG = {
-    **PIPELINE_CFG,
-    "grader_training": {k: v for k, v in GT.items() if k != "final"},
-}
-FINAL_CFG = {
-    **PIPELINE_CFG,
-    "grader_training": {k: v for k, v in GT.items() if k not in ("final", "k")},
-}
 
 
 rule train_grader:
@@ -72,7 +62,7 @@ rule grader_cv:
         CONTAINER
     threads: CFG["threads"]
     params:
-        config=CV_CFG,
+        config=config_for(CFG, "grader_cv"),
     script:
         "../../scripts/grader_cv.py"
 
@@ -113,7 +103,7 @@ rule grader_final:
         CONTAINER
     threads: CFG["threads"]
     params:
-        config=FINAL_CFG,
+        config=config_for(CFG, "grader_final"),
     script:
         "../../scripts/grader_final.py"
 
@@ -135,6 +125,6 @@ rule grader_card:
     container:
         CONTAINER
     params:
-        config=CFG,
+        config=config_for(CFG, "grader_card"),
     script:
         "../../scripts/grader_card.py"
