@@ -266,6 +266,72 @@ def test_unlabelled_and_extra_sacral_bodies_get_heights_only():
     assert [r["level"] for r in rows if r["kind"] == "disc"] == ["L4-L5", "L5-S1"]
 
 
+def render_bodies(quads_mm, shape=(200, 120), spacing=SPACING, cortex_mm=1.0, supersample=4) -> np.ndarray:
+    """One sagittal slice: convex bodies (marrow 1.0 inside a 1 mm dark cortex 0.15) on disc
+    signal 0.6, each pixel the mean of ``supersample``**2 point samples, so an edge at a
+    sub-pixel position shows as a partial-volume pixel."""
+    rows, cols = shape
+    sub = (np.arange(supersample) + 0.5) / supersample - 0.5
+    r = (np.arange(rows)[:, None] + sub[None, :]).reshape(-1) * spacing[0]
+    c = (np.arange(cols)[:, None] + sub[None, :]).reshape(-1) * spacing[1]
+    rr, cc = np.meshgrid(r, c, indexing="ij")
+    img = np.full(rr.shape, 0.6)
+    for q in quads_mm:
+        # signed distance to a convex polygon: the largest distance outside any edge line
+        edge = np.roll(q, -1, axis=0) - q
+        normal = np.stack([edge[:, 1], -edge[:, 0]], axis=1) / np.linalg.norm(edge, axis=1)[:, None]
+        if np.dot(q.mean(0) - q[0], normal[0]) > 0:
+            normal = -normal
+        d = np.max([(rr - a[0]) * nr + (cc - a[1]) * nc for a, (nr, nc) in zip(q, normal)], axis=0)
+        img = np.where(d <= 0, np.where(d > -cortex_mm, 0.15, 1.0), img)
+    return img.reshape(rows, supersample, cols, supersample).mean(axis=(1, 3)).astype(np.float32)
+
+
+def endplate_column():
+    """Four 25 mm bodies 10 mm apart, endplates at sub-pixel rows, one tilted 4 degrees."""
+    return [body_mm(bottom, 12.3, 25.0, 25.0, 35.0, tilt) for bottom, tilt in
+            ((150.37, 0.0), (115.21, 4.0), (80.55, 0.0), (45.13, 0.0))]
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_endplate_refinement_moves_misplaced_corners_onto_the_edge(mirror):
+    from spinecohort.detect import DetectedVertebra, refine_endplates
+
+    truth = [to_px(q) for q in endplate_column()]
+    image = render_bodies(endplate_column())
+    # body 1: SA 1.0 mm too low (into the body), SP 0.6 mm too high, IA 0.8 mm too high
+    quads = [q.copy() for q in truth]
+    quads[1] += np.array([[1.0, 0.0], [-0.6, 0.0], [0.0, 0.0], [-0.8, 0.0]]) / SPACING
+    if mirror:  # cols stored posterior -> anterior: corners keep their anatomical names
+        image = image[:, ::-1].copy()
+        truth, quads = ([np.column_stack([q[:, 0], image.shape[1] - 1 - q[:, 1]]) for q in qs] for qs in (truth, quads))
+    dets = [DetectedVertebra({0: q}, (0.0, *q.mean(0)), 1.0) for q in quads]
+    refined = [d.polygons[0] for d in refine_endplates(image[None], SPACING, dets)]
+    for want, got in zip(truth, refined):  # every corner within 0.15 mm of its endplate; exact ones stay
+        assert np.abs(got - want)[:, 0].max() * SPACING[0] < 0.15
+    measured = mm.body_measures(mm.to_mm(refined[1], SPACING))
+    assert measured["height_anterior_mm"] == pytest.approx(25.0, abs=0.2)
+    assert measured["height_posterior_mm"] == pytest.approx(25.0, abs=0.2)
+    # the tilted body's corners moved across its endplates, not along them
+    step = (refined[1] - quads[1]) * SPACING
+    along = np.diff(mm.to_mm(truth[1], SPACING)[[0, 1]], axis=0)[0]
+    assert np.abs(step @ along / np.linalg.norm(along)).max() < 0.05 and np.abs(step).max() > 0.5
+    assert dets[1].polygons[0] is quads[1]  # the detections passed in are not changed
+
+
+def test_endplate_refinement_keeps_corners_without_an_edge_or_a_peer():
+    from spinecohort.detect import DetectedVertebra, refine_endplates
+
+    quads = [to_px(q) for q in endplate_column()]
+    dets = [DetectedVertebra({0: q}, (0.0, *q.mean(0)), 1.0) for q in quads]
+    noise = np.random.default_rng(3).random((1, 200, 120)).astype(np.float32)
+    for d, r in zip(dets, refine_endplates(noise, SPACING, dets)):  # no endplate in the image: nothing moves
+        assert np.array_equal(r.polygons[0], d.polygons[0])
+    image = render_bodies(endplate_column())[None]
+    alone = [DetectedVertebra({0: quads[1] + [[1.0, 0.0], [0, 0], [0, 0], [0, 0]]}, (0.0, 0.0, 0.0), 1.0)]
+    assert np.array_equal(refine_endplates(image, SPACING, alone)[0].polygons[0], alone[0].polygons[0])
+
+
 PUBLIC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "public-lumbar"
 
 
