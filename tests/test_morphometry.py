@@ -140,6 +140,27 @@ def test_mid_slice_is_nearest_polygon_to_centroid():
     assert mm.scan_morphometry([rec], SPACING)[0]["slice"] == 9
 
 
+def test_bodies_cut_by_the_image_border_are_not_measured():
+    # L1 pushed up so its superior corners lie above row 0; the image ends above S1's inferior endplate
+    recs = column(overrides={"L1": body_mm(20.0, 100.0, 25.0, 25.0, 35.0)})
+    shape = (490, 400)  # rows, cols: S1's inferior corners are at row 500
+    assert all(np.isfinite(r["height_anterior_mm"]) for r in mm.scan_morphometry(recs, SPACING) if r["kind"] == "vertebra")
+    rows = mm.scan_morphometry(recs, SPACING, shape)
+    for level in ("L1", "S1"):
+        cut = by(rows, "vertebra", level)
+        assert math.isnan(cut["height_anterior_mm"]) and math.isnan(cut["wedge_ratio"]) and cut["note"] == mm.CUT_NOTE
+    l2 = by(rows, "vertebra", "L2")
+    assert math.isnan(l2["crush_ratio_above"]) and l2["crush_ratio"] == pytest.approx(1.0)  # from L3 alone
+    assert by(rows, "disc", "L5-S1")["height_anterior_mm"] == pytest.approx(10.0)  # S1's superior endplate is in view
+    scan = by(rows, "scan", "L1-S1")
+    assert math.isnan(scan["lordosis_deg"]) and "L1 is cut by the image border" in scan["note"]
+    # the cohort table takes the shape from the scans table (ingest's rows, cols)
+    scans = scans_frame([("p1", "v1")]).assign(rows=shape[0], cols=shape[1])
+    morph = mm.cohort_morphometry(scans, vertebrae_frame({"s0": recs}))
+    cut = morph[(morph["kind"] == "vertebra") & morph["level"].isin(["L1", "S1"])]
+    assert cut["height_posterior_mm"].isna().all() and set(cut["note"]) == {mm.CUT_NOTE}
+
+
 def scans_frame(visits, dates=None):
     rows = []
     for i, (subject, visit) in enumerate(visits):
@@ -254,6 +275,12 @@ def test_evaluation_pairs_and_bland_altman():
     assert pair["slice_pipeline"] == 5 and pair["slice_reference"] == 5
     assert pair["pipeline"]["height_anterior_mm"] - pair["reference"]["height_anterior_mm"] == pytest.approx(0.8)
     assert pair["pipeline"]["depth_mm"] == pytest.approx(pair["reference"]["depth_mm"])
+    assert pair["cut"] is False
+    # a detection reaching past the image's top edge is not measured, and counted as such
+    above = taller - np.array([truth[0, 0] + 1.0, 0.0])  # superior corners at row -1
+    case.bodies[0].centroid = (5.0, *above.mean(0))
+    (pair,) = measure_pairs([DetectedVertebra({5: above}, (5.0, *above.mean(0)), 0.9)], case)
+    assert pair["cut"] is True and math.isnan(pair["pipeline"]["height_anterior_mm"])
 
 
 def test_unlabelled_and_extra_sacral_bodies_get_heights_only():
