@@ -16,6 +16,7 @@ __all__ = [
     "quad_centroid",
     "is_valid_quad",
     "point_in_quad",
+    "outside_image",
     "polygon_iou",
     "side_of_line",
     "nearest_polygon_slice",
@@ -71,6 +72,15 @@ def point_in_quad(point: Sequence[float], quad: np.ndarray) -> bool:
     r = p - q
     cross = d[:, 0] * r[:, 1] - d[:, 1] * r[:, 0]
     return bool(np.all(cross <= 1e-9) or np.all(cross >= -1e-9))
+
+
+def outside_image(points: np.ndarray, shape: Sequence[int] | None) -> bool:
+    """Whether any (row, col) point lies beyond the outer pixel edges of an image of ``shape``
+    (rows, cols): a corner there was extrapolated by the detector, not seen. None: unknown, False."""
+    if shape is None:
+        return False
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return bool((p < -0.5).any() or (p[:, 0] > shape[0] - 0.5).any() or (p[:, 1] > shape[1] - 0.5).any())
 
 
 def _area2(pts: list[tuple[float, float]]) -> float:

@@ -5,7 +5,12 @@ Everything here is a pure function of the four corners of each vertebral body, s
 (SA), superior-posterior (SP), inferior-posterior (IP), inferior-anterior (IA) as (row, col),
 and the pixel spacing (row, col) in mm. Corners are converted to mm first, so anisotropic pixels
 are honoured. Each body is measured on one sagittal slice, its mid-sagittal slice: the slice of
-its polygons nearest its centroid slice (recorded per row in ``slice``).
+its polygons nearest its centroid slice (recorded per row in ``slice``). The corners are the
+vertebrae table's, which the detect stage has already moved across their endplates onto the
+image's edge profile (:func:`spinecohort.detect.refine_endplates`), so no image is read here.
+A body whose measured polygon has a corner outside the image (cut by the field of view: the
+detector extrapolated that corner) is not measured: its measures are NaN and ``note`` says why,
+and so are a disc's or the lordosis when a corner they use lies outside.
 
 Vertebral body (six-point morphometry reduced to the four corners the detector gives):
 
@@ -61,7 +66,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .geometry import mid_slice, signed_area
+from .geometry import mid_slice, outside_image, signed_area
 from .tasks import LEVEL_INDEX, TASK_NAMES
 
 SA, SP, IP, IA = 0, 1, 2, 3
@@ -74,6 +79,7 @@ GENANT_LEVELS = frozenset(["T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T1
 #: within corner-landmark noise and no Meyerding grade is given.
 SLIP_NONE_PCT = 5.0
 MORPHOMETRIC_NOTE = "morphometric (landmark height loss), not a diagnosis"
+CUT_NOTE = "cut by the image border (a corner outside the image): not measured"
 
 #: Columns of tables/morphometry.parquet and their fixed dtypes (whatever fails).
 MORPHOMETRY_DTYPES: dict[str, str] = {
@@ -211,11 +217,13 @@ def polygons_of(polygons: Any) -> dict[int, np.ndarray]:
     return out
 
 
-def scan_morphometry(vertebrae: Iterable[Mapping[str, Any]], pixel_spacing_mm: Sequence[float]) -> list[dict[str, Any]]:
+def scan_morphometry(vertebrae: Iterable[Mapping[str, Any]], pixel_spacing_mm: Sequence[float],
+                     image_shape: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Morphometry rows of one scan (vertebra, disc and one scan row) from its vertebra records:
     ``vertebra_id``, ``level`` (None when unlabelled), ``centroid_slice`` and ``polygons`` (slice
     -> (4, 2) pixel corners, or the table's list form). Discs, slips and neighbour ratios need
-    labelled, adjacent levels; unlabelled bodies get their own heights only."""
+    labelled, adjacent levels; unlabelled bodies get their own heights only. ``image_shape``
+    (rows, cols), when known, leaves bodies cut by the image border unmeasured."""
     bodies = []
     for v in vertebrae:
         polys = v["polygons"] if isinstance(v["polygons"], Mapping) else polygons_of(v["polygons"])
@@ -226,10 +234,11 @@ def scan_morphometry(vertebrae: Iterable[Mapping[str, Any]], pixel_spacing_mm: S
         level = level if isinstance(level, str) and level else None
         bodies.append({"vertebra_id": int(v["vertebra_id"]), "level": level, "slice": s,
                        "centroid_slice": float(v.get("centroid_slice", s)), "polygons": polys,
-                       "quad": to_mm(polys[s], pixel_spacing_mm)})
+                       "quad": to_mm(polys[s], pixel_spacing_mm), "cut": outside_image(polys[s], image_shape)})
     rows: list[dict[str, Any]] = []
     by_level = {b["level"]: b for b in bodies if b["level"] in LEVEL_INDEX}
-    measures = {id(b): body_measures(b["quad"]) for b in bodies}
+    measures = {id(b): dict.fromkeys(body_measures(b["quad"]), math.nan) if b["cut"] else body_measures(b["quad"])
+                for b in bodies}
 
     def neighbour(level: str, step: int) -> dict | None:
         index = LEVEL_INDEX[level] + step
@@ -254,7 +263,7 @@ def scan_morphometry(vertebrae: Iterable[Mapping[str, Any]], pixel_spacing_mm: S
                      "height_loss": loss, "height_loss_kind": kind,
                      "genant_grade": grade,
                      "morphometric_fracture": (grade >= 1) if np.isfinite(grade) else None,
-                     "note": MORPHOMETRIC_NOTE if np.isfinite(grade) and grade >= 1 else
+                     "note": CUT_NOTE if b["cut"] else MORPHOMETRIC_NOTE if np.isfinite(grade) and grade >= 1 else
                      ("" if graded or b["level"] is None else f"{b['level']}: outside the height-loss graded range T4-L5")})
     # discs, cranial first: each labelled body with the labelled body directly below it
     for upper in sorted(by_level.values(), key=lambda b: -LEVEL_INDEX[b["level"]]):
@@ -271,10 +280,13 @@ def scan_morphometry(vertebrae: Iterable[Mapping[str, Any]], pixel_spacing_mm: S
         else:  # parallel sagittal slices share in-plane coordinates; measured across them, noted
             su, sl, qu, ql = upper["slice"], lower["slice"], upper["quad"], lower["quad"]
             note = "upper and lower bodies have no slice in common: measured across their mid slices"
+        disc = disc_measures(qu, ql)
+        if outside_image(np.concatenate([np.asarray(upper["polygons"][su])[[IP, IA]],
+                                         np.asarray(lower["polygons"][sl])[[SA, SP]]]), image_shape):
+            disc, note = dict.fromkeys(disc, math.nan), CUT_NOTE
         rows.append({"kind": "disc", "level": f"{upper['level']}-{lower['level']}", "vertebra_id": upper["vertebra_id"],
-                     "lower_vertebra_id": lower["vertebra_id"], "slice": su, "slice_lower": sl,
-                     **disc_measures(qu, ql), "note": note})
-    rows.append(lordosis_row(by_level))
+                     "lower_vertebra_id": lower["vertebra_id"], "slice": su, "slice_lower": sl, **disc, "note": note})
+    rows.append(lordosis_row(by_level, image_shape))
     return rows
 
 
@@ -282,9 +294,9 @@ def _in_view(levels: Iterable[str]) -> str:
     return ",".join(sorted(levels, key=lambda lv: -LEVEL_INDEX[lv]))
 
 
-def lordosis_row(by_level: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def lordosis_row(by_level: Mapping[str, Mapping[str, Any]], image_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """The scan row: lumbar lordosis (L1 superior to S1 superior endplate, Cobb) and what was in
-    view; NaN with the reason when L1 or S1 is missing."""
+    view; NaN with the reason when L1 or S1 is missing or that endplate is cut by the image border."""
     row = {"kind": "scan", "level": "L1-S1", "in_view": _in_view(by_level), "lordosis_deg": math.nan}
     missing = [lv for lv in ("L1", "S1") if lv not in by_level]
     if missing:
@@ -292,6 +304,10 @@ def lordosis_row(by_level: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             "lordosis not measured: no labelled vertebrae"
         return row
     l1, s1 = by_level["L1"], by_level["S1"]
+    cut = [lv for lv, b in (("L1", l1), ("S1", s1)) if outside_image(np.asarray(b["polygons"][b["slice"]])[[SA, SP]], image_shape)]
+    if cut:
+        row["note"] = f"lordosis not measured: the superior endplate of {' and '.join(cut)} is cut by the image border"
+        return row
     row["lordosis_deg"] = lordotic_angle(l1["quad"][SA], l1["quad"][SP], s1["quad"][SA], s1["quad"][SP],
                                          handedness(s1["quad"]))
     row["slice"], row["slice_lower"] = l1["slice"], s1["slice"]
@@ -329,6 +345,14 @@ def _spacing(value: Any) -> tuple[float, float] | None:
     return (row, col) if row > 0 and col > 0 else None
 
 
+def _shape(scan: Any) -> tuple[int, int] | None:
+    """The scan's (rows, cols) from the scans table (ingest), None when not recorded."""
+    rows, cols = getattr(scan, "rows", None), getattr(scan, "cols", None)
+    if _missing(rows) or _missing(cols):
+        return None
+    return int(rows), int(cols)
+
+
 def cohort_morphometry(scans: pd.DataFrame, vertebrae: pd.DataFrame) -> pd.DataFrame:
     """``tables/morphometry.parquet`` from the cohort's scans and vertebrae tables: every ``ok``
     scan gets its rows; a scan that cannot be measured gets one scan row whose ``note`` names the
@@ -350,7 +374,7 @@ def cohort_morphometry(scans: pd.DataFrame, vertebrae: pd.DataFrame) -> pd.DataF
             continue
         try:
             records = part[["vertebra_id", "level", "centroid_slice", "polygons"]].to_dict("records")
-            rows += [{**keys, **r} for r in scan_morphometry(records, spacing)]
+            rows += [{**keys, **r} for r in scan_morphometry(records, spacing, _shape(scan))]
         except Exception as error:  # noqa: BLE001 - one scan's bad landmarks never stop the cohort table
             rows.append({**keys, "kind": "scan", "level": "L1-S1", "lordosis_deg": math.nan,
                          "note": f"scan {scan.scan_id}: morphometry: {type(error).__name__}: {error}"})

@@ -140,6 +140,27 @@ def test_mid_slice_is_nearest_polygon_to_centroid():
     assert mm.scan_morphometry([rec], SPACING)[0]["slice"] == 9
 
 
+def test_bodies_cut_by_the_image_border_are_not_measured():
+    # L1 pushed up so its superior corners lie above row 0; the image ends above S1's inferior endplate
+    recs = column(overrides={"L1": body_mm(20.0, 100.0, 25.0, 25.0, 35.0)})
+    shape = (490, 400)  # rows, cols: S1's inferior corners are at row 500
+    assert all(np.isfinite(r["height_anterior_mm"]) for r in mm.scan_morphometry(recs, SPACING) if r["kind"] == "vertebra")
+    rows = mm.scan_morphometry(recs, SPACING, shape)
+    for level in ("L1", "S1"):
+        cut = by(rows, "vertebra", level)
+        assert math.isnan(cut["height_anterior_mm"]) and math.isnan(cut["wedge_ratio"]) and cut["note"] == mm.CUT_NOTE
+    l2 = by(rows, "vertebra", "L2")
+    assert math.isnan(l2["crush_ratio_above"]) and l2["crush_ratio"] == pytest.approx(1.0)  # from L3 alone
+    assert by(rows, "disc", "L5-S1")["height_anterior_mm"] == pytest.approx(10.0)  # S1's superior endplate is in view
+    scan = by(rows, "scan", "L1-S1")
+    assert math.isnan(scan["lordosis_deg"]) and "L1 is cut by the image border" in scan["note"]
+    # the cohort table takes the shape from the scans table (ingest's rows, cols)
+    scans = scans_frame([("p1", "v1")]).assign(rows=shape[0], cols=shape[1])
+    morph = mm.cohort_morphometry(scans, vertebrae_frame({"s0": recs}))
+    cut = morph[(morph["kind"] == "vertebra") & morph["level"].isin(["L1", "S1"])]
+    assert cut["height_posterior_mm"].isna().all() and set(cut["note"]) == {mm.CUT_NOTE}
+
+
 def scans_frame(visits, dates=None):
     rows = []
     for i, (subject, visit) in enumerate(visits):
@@ -254,6 +275,12 @@ def test_evaluation_pairs_and_bland_altman():
     assert pair["slice_pipeline"] == 5 and pair["slice_reference"] == 5
     assert pair["pipeline"]["height_anterior_mm"] - pair["reference"]["height_anterior_mm"] == pytest.approx(0.8)
     assert pair["pipeline"]["depth_mm"] == pytest.approx(pair["reference"]["depth_mm"])
+    assert pair["cut"] is False
+    # a detection reaching past the image's top edge is not measured, and counted as such
+    above = taller - np.array([truth[0, 0] + 1.0, 0.0])  # superior corners at row -1
+    case.bodies[0].centroid = (5.0, *above.mean(0))
+    (pair,) = measure_pairs([DetectedVertebra({5: above}, (5.0, *above.mean(0)), 0.9)], case)
+    assert pair["cut"] is True and math.isnan(pair["pipeline"]["height_anterior_mm"])
 
 
 def test_unlabelled_and_extra_sacral_bodies_get_heights_only():
@@ -264,6 +291,72 @@ def test_unlabelled_and_extra_sacral_bodies_get_heights_only():
     assert [r["level"] for r in bodies] == ["L4", "L5", "S1", "S2", None]
     assert bodies[3]["height_anterior_mm"] == pytest.approx(20.0) and math.isnan(bodies[4]["crush_ratio"])
     assert [r["level"] for r in rows if r["kind"] == "disc"] == ["L4-L5", "L5-S1"]
+
+
+def render_bodies(quads_mm, shape=(200, 120), spacing=SPACING, cortex_mm=1.0, supersample=4) -> np.ndarray:
+    """One sagittal slice: convex bodies (marrow 1.0 inside a 1 mm dark cortex 0.15) on disc
+    signal 0.6, each pixel the mean of ``supersample``**2 point samples, so an edge at a
+    sub-pixel position shows as a partial-volume pixel."""
+    rows, cols = shape
+    sub = (np.arange(supersample) + 0.5) / supersample - 0.5
+    r = (np.arange(rows)[:, None] + sub[None, :]).reshape(-1) * spacing[0]
+    c = (np.arange(cols)[:, None] + sub[None, :]).reshape(-1) * spacing[1]
+    rr, cc = np.meshgrid(r, c, indexing="ij")
+    img = np.full(rr.shape, 0.6)
+    for q in quads_mm:
+        # signed distance to a convex polygon: the largest distance outside any edge line
+        edge = np.roll(q, -1, axis=0) - q
+        normal = np.stack([edge[:, 1], -edge[:, 0]], axis=1) / np.linalg.norm(edge, axis=1)[:, None]
+        if np.dot(q.mean(0) - q[0], normal[0]) > 0:
+            normal = -normal
+        d = np.max([(rr - a[0]) * nr + (cc - a[1]) * nc for a, (nr, nc) in zip(q, normal)], axis=0)
+        img = np.where(d <= 0, np.where(d > -cortex_mm, 0.15, 1.0), img)
+    return img.reshape(rows, supersample, cols, supersample).mean(axis=(1, 3)).astype(np.float32)
+
+
+def endplate_column():
+    """Four 25 mm bodies 10 mm apart, endplates at sub-pixel rows, one tilted 4 degrees."""
+    return [body_mm(bottom, 12.3, 25.0, 25.0, 35.0, tilt) for bottom, tilt in
+            ((150.37, 0.0), (115.21, 4.0), (80.55, 0.0), (45.13, 0.0))]
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_endplate_refinement_moves_misplaced_corners_onto_the_edge(mirror):
+    from spinecohort.detect import DetectedVertebra, refine_endplates
+
+    truth = [to_px(q) for q in endplate_column()]
+    image = render_bodies(endplate_column())
+    # body 1: SA 1.0 mm too low (into the body), SP 0.6 mm too high, IA 0.8 mm too high
+    quads = [q.copy() for q in truth]
+    quads[1] += np.array([[1.0, 0.0], [-0.6, 0.0], [0.0, 0.0], [-0.8, 0.0]]) / SPACING
+    if mirror:  # cols stored posterior -> anterior: corners keep their anatomical names
+        image = image[:, ::-1].copy()
+        truth, quads = ([np.column_stack([q[:, 0], image.shape[1] - 1 - q[:, 1]]) for q in qs] for qs in (truth, quads))
+    dets = [DetectedVertebra({0: q}, (0.0, *q.mean(0)), 1.0) for q in quads]
+    refined = [d.polygons[0] for d in refine_endplates(image[None], SPACING, dets)]
+    for want, got in zip(truth, refined):  # every corner within 0.15 mm of its endplate; exact ones stay
+        assert np.abs(got - want)[:, 0].max() * SPACING[0] < 0.15
+    measured = mm.body_measures(mm.to_mm(refined[1], SPACING))
+    assert measured["height_anterior_mm"] == pytest.approx(25.0, abs=0.2)
+    assert measured["height_posterior_mm"] == pytest.approx(25.0, abs=0.2)
+    # the tilted body's corners moved across its endplates, not along them
+    step = (refined[1] - quads[1]) * SPACING
+    along = np.diff(mm.to_mm(truth[1], SPACING)[[0, 1]], axis=0)[0]
+    assert np.abs(step @ along / np.linalg.norm(along)).max() < 0.05 and np.abs(step).max() > 0.5
+    assert dets[1].polygons[0] is quads[1]  # the detections passed in are not changed
+
+
+def test_endplate_refinement_keeps_corners_without_an_edge_or_a_peer():
+    from spinecohort.detect import DetectedVertebra, refine_endplates
+
+    quads = [to_px(q) for q in endplate_column()]
+    dets = [DetectedVertebra({0: q}, (0.0, *q.mean(0)), 1.0) for q in quads]
+    noise = np.random.default_rng(3).random((1, 200, 120)).astype(np.float32)
+    for d, r in zip(dets, refine_endplates(noise, SPACING, dets)):  # no endplate in the image: nothing moves
+        assert np.array_equal(r.polygons[0], d.polygons[0])
+    image = render_bodies(endplate_column())[None]
+    alone = [DetectedVertebra({0: quads[1] + [[1.0, 0.0], [0, 0], [0, 0], [0, 0]]}, (0.0, 0.0, 0.0), 1.0)]
+    assert np.array_equal(refine_endplates(image, SPACING, alone)[0].polygons[0], alone[0].polygons[0])
 
 
 PUBLIC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "public-lumbar"

@@ -1,6 +1,7 @@
 """Accuracy of the morphometry: vertebral body heights and depth from the shipped detector's
-corners against the same quantities from a reference (``spinecohort evaluate morphometry`` or
-``python -m spinecohort.evaluation.morphometry``).
+corners (with the endplate refinement the pipeline stores, :func:`spinecohort.detect.refine_endplates`,
+as the checkpoint's ``refine_endplates`` says) against the same quantities from a reference
+(``spinecohort evaluate morphometry`` or ``python -m spinecohort.evaluation.morphometry``).
 
 - Real scans: the public-lumbar validation cases (case number divisible by 5). Reference: the
   expert vertebral-body mask of each body, turned into corners by
@@ -12,7 +13,9 @@ corners against the same quantities from a reference (``spinecohort evaluate mor
   from, measured with the same formulas.
 
 A body counts when exactly one detection contains its annotated centroid on its mid slice (the
-detection evaluation's SpineNet criterion). Two pairings are reported: ``end_to_end`` (each side
+detection evaluation's SpineNet criterion). As in the morphometry table, a body whose detected
+polygon has a corner outside the image (cut by the field of view) is not measured: it is counted
+(``n_cut``) and left out of the agreement. Two pairings are reported: ``end_to_end`` (each side
 on its own mid-sagittal slice, the pipeline's choice from its detection and the reference's from
 the mask centroid, as a user would get them) and ``same_slice`` (the reference re-measured on the
 pipeline's slice: landmark error alone). Figures: mean absolute difference (MAD) and Bland-Altman
@@ -29,7 +32,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..geometry import mid_slice
+from ..geometry import mid_slice, outside_image
 from ..morphometry import body_measures, height_loss, to_mm
 from ..shipped import default_model
 
@@ -70,16 +73,19 @@ def measure_pairs(detections: Sequence, case, derived: Iterable[str] = ()) -> li
         if s_ref not in body.polygons:
             continue
         pipe = body_measures(to_mm(det.polygons[s_pipe], spacing))
+        cut = outside_image(det.polygons[s_pipe], case.volume.shape[1:])
+        if cut:
+            pipe = dict.fromkeys(pipe, float("nan"))
         ref = body_measures(to_mm(body.polygons[s_ref], spacing))
         same = body_measures(to_mm(body.polygons[s_pipe], spacing)) if s_pipe in body.polygons else None
         out.append({"case": case.name, "source": case.source, "level": body.level, "derived": body.level in derived,
-                    "slice_pipeline": int(s_pipe), "slice_reference": int(s_ref),
+                    "slice_pipeline": int(s_pipe), "slice_reference": int(s_ref), "cut": cut,
                     "pipeline": pipe, "reference": ref, "reference_same_slice": same})
     return out
 
 
 def _summaries(records: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"n_bodies": len(records),
+    out: dict[str, Any] = {"n_bodies": len(records), "n_cut": sum(r.get("cut", False) for r in records),
                            "slice_agrees": float(np.mean([r["slice_pipeline"] == r["slice_reference"] for r in records]))
                            if records else float("nan")}
     for pairing, key in (("end_to_end", "reference"), ("same_slice", "reference_same_slice")):
@@ -90,11 +96,12 @@ def _summaries(records: list[dict[str, Any]]) -> dict[str, Any]:
                                              for q in HEIGHTS])
         block["heights_and_depth_pooled"] = agreement([r["pipeline"][q] - r[key][q] for r in records
                                                        if r[key] is not None for q in QUANTITIES])
-        # ratios are unitless; the flags use the within-body losses only (crush needs the levels' neighbours)
+        # ratios are unitless; the flags use the within-body losses only (crush needs the levels' neighbours),
+        # of the bodies the pipeline measured
         block["wedge_ratio"] = agreement([r["pipeline"]["wedge_ratio"] - r[key]["wedge_ratio"] for r in records
                                           if r[key] is not None])
         block["flagged_pipeline"], block["flagged_reference"] = (
-            sum(_flagged(r[k]) for r in records if r[key] is not None) for k in ("pipeline", key))
+            sum(_flagged(r[k]) for r in records if r[key] is not None and not r.get("cut")) for k in ("pipeline", key))
         out[pairing] = block
     return out
 
@@ -158,8 +165,8 @@ def _line(name: str, s: dict[str, float]) -> str:
 
 
 def format_summary(title: str, summary: dict[str, Any]) -> str:
-    lines = [f"{title}: {summary['n_bodies']} bodies; pipeline and reference on the same mid slice for "
-             f"{100 * summary['slice_agrees']:.0f} %"]
+    lines = [f"{title}: {summary['n_bodies']} bodies ({summary['n_cut']} cut by the image border, not measured); "
+             f"pipeline and reference on the same mid slice for {100 * summary['slice_agrees']:.0f} %"]
     for pairing in ("end_to_end", "same_slice"):
         lines.append(f" {pairing}:")
         for q in (*QUANTITIES, "heights_pooled", "heights_and_depth_pooled"):
