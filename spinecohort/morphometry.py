@@ -80,6 +80,11 @@ GENANT_LEVELS = frozenset(["T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T1
 SLIP_NONE_PCT = 5.0
 MORPHOMETRIC_NOTE = "morphometric (landmark height loss), not a diagnosis"
 CUT_NOTE = "cut by the image border (a corner outside the image): not measured"
+#: Sacral segments are fused to the one below: S1's "inferior endplate" is at most a remnant line,
+#: so a body height (and depth, which averages it in) is not defined; their superior endplates still
+#: serve the L5-S1 disc, the slip of L5 and lordosis.
+SACRAL_LEVELS = frozenset(["S1", "S2", "S3", "S4", "S5"])
+SACRAL_NOTE = "sacral segment fused to the one below (no inferior endplate): body not measured"
 
 #: Columns of tables/morphometry.parquet and their fixed dtypes (whatever fails).
 MORPHOMETRY_DTYPES: dict[str, str] = {
@@ -237,8 +242,8 @@ def scan_morphometry(vertebrae: Iterable[Mapping[str, Any]], pixel_spacing_mm: S
                        "quad": to_mm(polys[s], pixel_spacing_mm), "cut": outside_image(polys[s], image_shape)})
     rows: list[dict[str, Any]] = []
     by_level = {b["level"]: b for b in bodies if b["level"] in LEVEL_INDEX}
-    measures = {id(b): dict.fromkeys(body_measures(b["quad"]), math.nan) if b["cut"] else body_measures(b["quad"])
-                for b in bodies}
+    measures = {id(b): dict.fromkeys(body_measures(b["quad"]), math.nan) if b["cut"] or b["level"] in SACRAL_LEVELS
+                else body_measures(b["quad"]) for b in bodies}
 
     def neighbour(level: str, step: int) -> dict | None:
         index = LEVEL_INDEX[level] + step
@@ -263,7 +268,8 @@ def scan_morphometry(vertebrae: Iterable[Mapping[str, Any]], pixel_spacing_mm: S
                      "height_loss": loss, "height_loss_kind": kind,
                      "genant_grade": grade,
                      "morphometric_fracture": (grade >= 1) if np.isfinite(grade) else None,
-                     "note": CUT_NOTE if b["cut"] else MORPHOMETRIC_NOTE if np.isfinite(grade) and grade >= 1 else
+                     "note": CUT_NOTE if b["cut"] else SACRAL_NOTE if b["level"] in SACRAL_LEVELS else
+                     MORPHOMETRIC_NOTE if np.isfinite(grade) and grade >= 1 else
                      ("" if graded or b["level"] is None else f"{b['level']}: outside the height-loss graded range T4-L5")})
     # discs, cranial first: each labelled body with the labelled body directly below it
     for upper in sorted(by_level.values(), key=lambda b: -LEVEL_INDEX[b["level"]]):

@@ -144,7 +144,8 @@ def test_bodies_cut_by_the_image_border_are_not_measured():
     # L1 pushed up so its superior corners lie above row 0; the image ends above S1's inferior endplate
     recs = column(overrides={"L1": body_mm(20.0, 100.0, 25.0, 25.0, 35.0)})
     shape = (490, 400)  # rows, cols: S1's inferior corners are at row 500
-    assert all(np.isfinite(r["height_anterior_mm"]) for r in mm.scan_morphometry(recs, SPACING) if r["kind"] == "vertebra")
+    assert all(np.isfinite(r["height_anterior_mm"]) for r in mm.scan_morphometry(recs, SPACING)
+               if r["kind"] == "vertebra" and r["level"] != "S1")
     rows = mm.scan_morphometry(recs, SPACING, shape)
     for level in ("L1", "S1"):
         cut = by(rows, "vertebra", level)
@@ -283,14 +284,20 @@ def test_evaluation_pairs_and_bland_altman():
     assert pair["cut"] is True and math.isnan(pair["pipeline"]["height_anterior_mm"])
 
 
-def test_unlabelled_and_extra_sacral_bodies_get_heights_only():
+def test_unlabelled_bodies_get_heights_only_and_sacral_segments_none():
     recs = column(levels=("L4", "L5", "S1"))
     recs += [record(7, "S2", body_mm(450.0, 100.0, 20.0, 20.0, 30.0)), record(8, None, body_mm(120.0, 100.0, 25.0, 25.0, 35.0))]
     rows = mm.scan_morphometry(recs, SPACING)
     bodies = [r for r in rows if r["kind"] == "vertebra"]
     assert [r["level"] for r in bodies] == ["L4", "L5", "S1", "S2", None]
-    assert bodies[3]["height_anterior_mm"] == pytest.approx(20.0) and math.isnan(bodies[4]["crush_ratio"])
+    assert bodies[4]["height_anterior_mm"] == pytest.approx(25.0) and math.isnan(bodies[4]["crush_ratio"])
+    # fused sacral segments have no inferior endplate: no body measures, said in the note ...
+    for sacral in bodies[2:4]:
+        assert math.isnan(sacral["height_anterior_mm"]) and math.isnan(sacral["depth_mm"])
+        assert sacral["note"] == mm.SACRAL_NOTE
+    # ... while S1's superior endplate still bounds the L5-S1 disc
     assert [r["level"] for r in rows if r["kind"] == "disc"] == ["L4-L5", "L5-S1"]
+    assert np.isfinite(by(rows, "disc", "L5-S1")["height_anterior_mm"])
 
 
 def render_bodies(quads_mm, shape=(200, 120), spacing=SPACING, cortex_mm=1.0, supersample=4) -> np.ndarray:

@@ -15,7 +15,8 @@ as the checkpoint's ``refine_endplates`` says) against the same quantities from 
 A body counts when exactly one detection contains its annotated centroid on its mid slice (the
 detection evaluation's SpineNet criterion). As in the morphometry table, a body whose detected
 polygon has a corner outside the image (cut by the field of view) is not measured: it is counted
-(``n_cut``) and left out of the agreement. Two pairings are reported: ``end_to_end`` (each side
+(``n_cut``) and left out of the agreement; sacral segments are not measured either (the table
+gives them no body measures: fused, S1 has no inferior endplate). Two pairings are reported: ``end_to_end`` (each side
 on its own mid-sagittal slice, the pipeline's choice from its detection and the reference's from
 the mask centroid, as a user would get them) and ``same_slice`` (the reference re-measured on the
 pipeline's slice: landmark error alone). Figures: mean absolute difference (MAD) and Bland-Altman
@@ -33,7 +34,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..geometry import mid_slice, outside_image
-from ..morphometry import body_measures, height_loss, to_mm
+from ..morphometry import SACRAL_LEVELS, body_measures, height_loss, to_mm
 from ..shipped import default_model
 
 __all__ = ["agreement", "measure_pairs", "evaluate", "main"]
@@ -65,7 +66,7 @@ def measure_pairs(detections: Sequence, case, derived: Iterable[str] = ()) -> li
     out = []
     for body in case.bodies:
         hits = [d for d in detections if contains_centroid(d, body)]
-        if len(hits) != 1 or not body.polygons:
+        if len(hits) != 1 or not body.polygons or body.level in SACRAL_LEVELS:  # the table does not measure them
             continue
         det = hits[0]
         s_pipe = mid_slice(det.polygons, det.centroid[0])
