@@ -238,14 +238,26 @@ DEFAULT_K = 5
 DEFAULT_STEPS = 1000
 
 
-def slices_config(seed: int = 0, steps: int = DEFAULT_STEPS, ordinal_weight: float = 0.0, spider_share: float = 0.0):
+#: Per-slice residual stages ((channels, stride) per block) of the recipe's encoder ("v4") and of a
+#: tried alternative ("deep": a stride-1 block after each of v4's, twice the CPU per slice, from
+#: scratch as v3's 3-D kernels map onto v4's plan only). "deep" led on the inner split (Pfirrmann
+#: 0.481 / kappa 0.543 vs 0.452 / 0.527 for v4's plan from scratch) but not in the 5-fold CV
+#: (models/grader-cpu-v4.md, Round 2), so it is not the default.
+ENCODER_PLANS = {"v4": [[32, 2], [64, 2], [128, 2]],
+                 "deep": [[32, 2], [32, 1], [64, 2], [64, 1], [128, 2], [128, 1]]}
+
+
+def slices_config(seed: int = 0, steps: int = DEFAULT_STEPS, ordinal_weight: float = 0.0, spider_share: float = 0.0,
+                  encoder: str = "v4"):
     """The recipe (:class:`spinecohort.training.grader.TrainConfig` defaults, chosen a priori and
-    not tuned on any fold) for :class:`spinecohort.nets.grader_slices.GraderSlices`: half of the
-    9-slice IVVs reduced to their centre slice, padding slices kept empty under augmentation."""
+    not tuned on any fold) for :class:`spinecohort.nets.grader_slices.GraderSlices` with the
+    ``encoder`` version's plan (:data:`ENCODER_PLANS`): half of the 9-slice IVVs reduced to their
+    centre slice, padding slices kept empty under augmentation."""
     from ..nets.grader_slices import DEFAULT_SLICES_ARCH
     from .grader import TrainConfig
 
-    return TrainConfig(steps=int(steps), seed=int(seed), arch=json.loads(json.dumps(DEFAULT_SLICES_ARCH)),
+    arch = {**json.loads(json.dumps(DEFAULT_SLICES_ARCH)), "plan": [list(b) for b in ENCODER_PLANS[encoder]]}
+    return TrainConfig(steps=int(steps), seed=int(seed), arch=arch,
                        single_slice_p=0.5, keep_empty_slices=True, aux_weight=1.0,
                        ordinal_weight=float(ordinal_weight), group_share=float(spider_share))
 
@@ -298,12 +310,13 @@ class _Run:
     """Data and settings shared by the stages of one run (loaded lazily, cached under ``work``)."""
 
     def __init__(self, spider_dir, work, k=DEFAULT_K, seed=0, steps=DEFAULT_STEPS, init_3d=None, log=print,
-                 ordinal_weight=0.0, spider_share=0.0, train_seed=None, lr_factor=1.0):
+                 ordinal_weight=0.0, spider_share=0.0, train_seed=None, lr_factor=1.0, encoder="v4"):
         from ..shipped import MODELS_DIR
 
         self.spider_dir, self.work = Path(spider_dir), Path(work)
         self.k, self.seed, self.steps, self.log = int(k), int(seed), int(steps), log
         self.init_3d = init_3d if init_3d is not None else str(MODELS_DIR / "grader-cpu-v3.pt")
+        self.encoder = encoder
         self.ordinal_weight, self.spider_share = float(ordinal_weight), float(spider_share)
         # the training seed alone (batches, augmentation, init noise) may differ from the split seed:
         # a second training seed on the same inner split measures how much a variant's gain is noise
@@ -339,7 +352,7 @@ class _Run:
         X, keys, targets, aux, *_ = self.spider
         Xp, _, tp = self.phantoms
         Xa, ta, aa = _combine([(X[spider_rows], [t[spider_rows] for t in targets], aux[spider_rows]), (Xp, tp, None)])
-        cfg = slices_config(self.train_seed, self.steps, self.ordinal_weight, self.spider_share)
+        cfg = slices_config(self.train_seed, self.steps, self.ordinal_weight, self.spider_share, self.encoder)
         cfg.lr *= self.lr_factor
         group = np.r_[np.ones(len(spider_rows), bool), np.zeros(len(Xp), bool)]  # SPIDER rows first
         self.log(f"{tag}: {len(spider_rows)} SPIDER IVVs ({keys.iloc[spider_rows]['subject_id'].nunique()} patients)"
@@ -613,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--init-3d", default=None, help="3-D grader to start from (default models/grader-cpu-v3.pt; 'scratch')")
+    p.add_argument("--encoder", choices=sorted(ENCODER_PLANS), default="v4", help="per-slice encoder plan (ENCODER_PLANS)")
     p.add_argument("--ordinal-weight", type=float, default=0.0, help="expected-grade L1 term on Pfirrmann (0 = off)")
     p.add_argument("--spider-share", type=float, default=0.0, help="SPIDER share of each phase-A batch (0 = uniform)")
     p.add_argument("--train-seed", type=int, default=None, help="training seed (default --seed; splits keep --seed)")
@@ -635,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     log = ProgressLog(args.log)
     run = _Run(args.spider, args.work, args.k, args.seed, args.steps, args.init_3d, log,
-               args.ordinal_weight, args.spider_share, args.train_seed, args.lr_factor)
+               args.ordinal_weight, args.spider_share, args.train_seed, args.lr_factor, args.encoder)
     out = Path(args.out) if args.out else MODELS_DIR / f"grader-cpu-{NEW}.pt"
     if args.stage == "inner":
         stage_inner(run, 0, args.tta)
@@ -790,13 +804,15 @@ def write_model_card(rep: dict, weights: str | Path, md_path: str | Path, comman
         "## Architecture",
         "",
         "`spinecohort.nets.grader_slices.GraderSlices`: a shared 2-D encoder applied to every *valid* IVV slice"
-        " (not all zero): stem convolution 4x4 stride 4, three residual blocks (32/64/128 channels, stride 2 each),"
+        " (not all zero): stem convolution 4x4 stride 4, residual basic blocks"
+        f" {', '.join(f'{c} ch stride {st}' for c, st in cfg.get('arch', {}).get('plan', []))},"
         " 1x1 projection to 64 channels, average + max pooling over the four quadrants of the (rows, cols) plane"
         " (512-d per slice); masked mean and masked max over the valid slices (1024-d); one 2-layer MLP head per task"
         f" (1024 -> {cfg.get('arch', {}).get('head_hidden', 128)} -> classes). A single slice gives the same output"
-        " wherever it sits and whatever the zero slices (tested). The encoder started from `grader-cpu-v3.pt` (each 3-D"
-        " kernel summed over its slice axis, each head's first layer split over the mean / max halves:"
-        " `init_from_3d`).",
+        " wherever it sits and whatever the zero slices (tested). "
+        + (f"The encoder started from `{meta['init_from_3d']}` (each 3-D kernel summed over its slice axis, each"
+           " head's first layer split over the mean / max halves: `init_from_3d`)." if meta.get("init_from_3d")
+           else "Trained from scratch (`grader_real.ENCODER_PLANS` says why this plan)."),
         "",
         "## Data",
         "",
