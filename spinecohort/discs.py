@@ -176,6 +176,13 @@ def _poly_near(polygons: Mapping[int, np.ndarray], s: float) -> np.ndarray:
     return np.asarray(polygons[best], float).reshape(4, 2)
 
 
+def _spacing(pixel_spacing_mm: tuple[float, float] | float) -> np.ndarray:
+    """(row, col) mm per pixel; a scalar means square pixels."""
+    if np.isscalar(pixel_spacing_mm):
+        pixel_spacing_mm = (float(pixel_spacing_mm), float(pixel_spacing_mm))
+    return np.asarray(pixel_spacing_mm, float).reshape(2)
+
+
 def _norm_polygons(polys: Mapping[Any, Any]) -> dict[int, np.ndarray]:
     return {int(k): np.asarray(v, float).reshape(4, 2) for k, v in polys.items()}
 
@@ -215,9 +222,7 @@ def extract_ivv(volume: np.ndarray, pixel_spacing_mm: tuple[float, float] | floa
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise ValueError(f"volume must be (slices, rows, cols), got shape {volume.shape}")
-    if np.isscalar(pixel_spacing_mm):
-        pixel_spacing_mm = (float(pixel_spacing_mm), float(pixel_spacing_mm))
-    sp = np.asarray(pixel_spacing_mm, float).reshape(2)
+    sp = _spacing(pixel_spacing_mm)
     n_sl, n_rows, n_cols = volume.shape
     pu, pl = _norm_polygons(_get(upper, "polygons")), _norm_polygons(_get(lower, "polygons"))
     if not pu or not pl:
@@ -378,8 +383,7 @@ def estimated_s1(volume_shape: Sequence[int], pixel_spacing_mm: tuple[float, flo
     pu = _norm_polygons(_get(l5, "polygons") or {})
     if not pu:
         return None
-    sp = np.asarray(pixel_spacing_mm if not np.isscalar(pixel_spacing_mm) else (pixel_spacing_mm,) * 2,
-                    float).reshape(2)
+    sp = _spacing(pixel_spacing_mm)
     poly = _poly_near(pu, _mid_slice_of(pu)) * sp  # mm, SA SP IP IA
     top, bottom = (poly[0] + poly[1]) / 2, (poly[2] + poly[3]) / 2
     axis = bottom - top

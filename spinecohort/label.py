@@ -499,8 +499,8 @@ def _has_variant(names: Sequence[str | None]) -> bool:
     return any(a == "L2" and b == "T12" for a, b in zip(present, present[1:]))
 
 
-#: chain positions of the standard levels (every state but the transitional L6 and T13)
-_STANDARD_RANK = {p: r for r, p in enumerate(i for i, c in enumerate(CHAIN) if c[0] not in _VARIANTS)}
+#: chain positions of the standard levels (every state but the transitional L6 and T13), caudal first
+_STANDARD = [i for i, c in enumerate(CHAIN) if c[0] not in _VARIANTS]
 
 
 def count_from_sacrum(result: BeamResult, emissions: np.ndarray, gaps: np.ndarray | None) -> BeamResult:
@@ -515,24 +515,25 @@ def count_from_sacrum(result: BeamResult, emissions: np.ndarray, gaps: np.ndarra
     slices the shipped labeller put an L6 above the sacrum in 8 % of series, where the
     annotators, like readers of lumbar series, count from the sacrum). The re-counted bodies get
     their local evidence (emission) as probability; the first decoding's hypotheses stay, so the
-    scan's confidence is low and its variant flag set: the doubt stays visible."""
+    scan's confidence is low and its variant flag set: the doubt stays visible. (A second beam
+    search with expensive variants does not do this: it pushes the sacrum down instead, S1 -> S2,
+    on 21 of those 30 SPIDER series.)"""
     labels, positions = list(result.labels), list(result.positions)
     if "S1" not in labels or not _has_variant(labels) or len(positions) != len(labels):
         return result
     new = [positions[0]]
     for i in range(1, len(positions)):
         below, here = positions[i - 1], positions[i]
-        skipped = sum(1 for p in range(below + 1, here) if p in _STANDARD_RANK)
-        if CHAIN[below][0] == "L2" and CHAIN[here][0] == "T12" and (gaps is None or gaps[i - 1] < 1.5):
-            skipped = 0  # four lumbar vertebrae: L1 absent without a gap, not a missed L1
-        if here in _STANDARD_RANK and CHAIN[here][0].startswith("S"):
+        if CHAIN[here][0].startswith("S"):
             new.append(here)  # the sacrum stays where the decoding found it
             continue
-        rank = _STANDARD_RANK[new[-1]] + 1 + skipped
-        above = next((p for p, r in _STANDARD_RANK.items() if r == rank), None)
-        if above is None:  # counted past the top of the chain: keep the decoding
+        skipped = sum(1 for p in range(below + 1, here) if p in _STANDARD)
+        if CHAIN[below][0] == "L2" and CHAIN[here][0] == "T12" and (gaps is None or gaps[i - 1] < 1.5):
+            skipped = 0  # four lumbar vertebrae: L1 absent without a gap, not a missed L1
+        rank = _STANDARD.index(new[-1]) + 1 + skipped
+        if rank >= len(_STANDARD):  # counted past the top of the chain: keep the decoding
             return result
-        new.append(above)
+        new.append(_STANDARD[rank])
     names = [_CHAIN_NAMES[p] for p in new]
     evidence = [float(emissions[i, _CHAIN_COL[p]] / max(float(emissions[i].sum()), 1e-12)) for i, p in enumerate(new)]
     probabilities = [pr if p == q else ev for p, q, pr, ev in zip(new, positions, result.probabilities, evidence)]
@@ -826,15 +827,16 @@ class Labeller:
             if ccfg.emission == "product":
                 em = em * probs_g
                 em /= em.sum(axis=1, keepdims=True) + 1e-12
-        res_g = beam_search(em, self.beam, gap_ratios(centres[lead]))
+        gaps = gap_ratios(centres[lead])
+        res_g = beam_search(em, self.beam, gaps)
         if self.beam.count_from_sacrum_without_c2 and "C2" not in res_g.labels:
-            res_g = count_from_sacrum(res_g, em, gap_ratios(centres[lead]))
+            res_g = count_from_sacrum(res_g, em, gaps)
         probe = None
         if self.beam.transitional and self.beam.variant_probe_penalty < min(
                 self.beam.six_lumbar_penalty, self.beam.t13_penalty, self.beam.four_lumbar_penalty):
             p = self.beam.variant_probe_penalty
             probe = beam_search(em, replace(self.beam, six_lumbar_penalty=p, t13_penalty=p, four_lumbar_penalty=p),
-                                gap_ratios(centres[lead]))
+                                gaps)
         # image left below the lowest body's mid-slice inferior endplate, in its heights (a tight
         # field of view hides the sacrum); not the all-slice box, which lateral slices inflate
         low = geoms[lead[0]]
