@@ -243,16 +243,22 @@ def _fmt(s: dict[str, Any]) -> str:
             f"p95 {s['loc_error_mm_p95']:.2f})  FP {s['detections_fp']}")
 
 
-def detection_main(argv: Sequence[str] | None = None) -> int:
-    """``spinecohort evaluate detection``."""
-    p = argparse.ArgumentParser(prog="spinecohort evaluate detection",
-                                description="Detection precision/recall/localisation error (SpineNet criterion).")
+def add_detector_case_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every evaluation of the detector's output shares: which detector, which
+    public-lumbar split, how many held-out phantoms of which seed, threads, output."""
     p.add_argument("--model", default=None, help="detector checkpoint (default: the shipped one in models/)")
     p.add_argument("--public-lumbar", nargs="?", const="", default=None, metavar="DIR",
                    help="evaluate on public-lumbar (default folder ../shared/data/public-lumbar)")
     p.add_argument("--split", default="val", choices=("val", "train"))
-    p.add_argument("--synthetic", type=int, default=0, metavar="N", help="N held-out synthetic scans")
+    p.add_argument("--synthetic", type=int, default=0, metavar="N", help="N held-out phantoms")
     p.add_argument("--seed", type=int, default=0)
+
+
+def detection_main(argv: Sequence[str] | None = None) -> int:
+    """``spinecohort evaluate detection``."""
+    p = argparse.ArgumentParser(prog="spinecohort evaluate detection",
+                                description="Detection precision/recall/localisation error (SpineNet criterion).")
+    add_detector_case_arguments(p)
     p.add_argument("--fov", default=None, choices=("lumbar", "whole", "cervical"))
     p.add_argument("--contrast", default=None, choices=("T1", "T2", "STIR"))
     p.add_argument("--count-below-s1", action="store_true",

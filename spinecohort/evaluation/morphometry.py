@@ -182,13 +182,10 @@ def format_summary(title: str, summary: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="spinecohort evaluate morphometry",
                                 description="Body heights/depth from the detector vs expert masks and phantom geometry.")
-    p.add_argument("--model", default=None, help="detector checkpoint (default: the shipped one)")
-    p.add_argument("--public-lumbar", nargs="?", const="", default=None, metavar="DIR",
-                   help="evaluate on public-lumbar (default folder ../shared/data/public-lumbar)")
-    p.add_argument("--split", default="val", choices=("val", "train"))
-    p.add_argument("--synthetic", type=int, default=0, metavar="N", help="N held-out phantoms")
+    from .detection import add_detector_case_arguments
+
+    add_detector_case_arguments(p)
     p.add_argument("--fov", default="lumbar", help="phantom field of view (lumbar, whole, cervical, mixed)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the summaries and per-body records here")
     p.add_argument("--verbose", action="store_true")
