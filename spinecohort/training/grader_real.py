@@ -14,9 +14,8 @@ Data
   level name (``grades.csv`` ``level``); a graded disc without an IVV at its level counts as not
   graded by the model.
 
-  Work-around (the only one): the shipped detector's decoding drops vertebrae seen on fewer than
-  ``min_slices = 2`` slices, which removes every vertebra of a 1-slice volume, so this module
-  detects with a copy of the detector whose ``min_slices`` is 1 (``detect.py`` is not changed).
+  (The detector keeps a body seen on one slice when the series has one slice:
+  ``DetectorConfig.min_slices`` is capped by the slice count, as for any single-slice series.)
 
 * **Phantoms** (:mod:`spinecohort.synthetic`, IVVs from the truth polygons with simulated reads,
   :func:`spinecohort.training.grader.build_synthetic_cohort`) supervise the tasks SPIDER does not
@@ -112,7 +111,8 @@ def match_grades(ivv_table: pd.DataFrame, labels: pd.DataFrame) -> tuple[pd.Data
     return matched, miss.reset_index(drop=True)
 
 
-def _read_png(path: Path) -> np.ndarray:
+def read_spider_slice(path: Path) -> np.ndarray:
+    """One SPIDER mid-sagittal PNG as a float32 (rows, cols) image (head up, anterior left)."""
     from PIL import Image
 
     if not path.exists():
@@ -149,9 +149,7 @@ def build_spider_ivvs(data_dir: str | Path, cache_dir: str | Path, levels: Seque
     if done.exists() and key_file.exists() and json.loads(key_file.read_text()) == key:
         return pd.read_csv(done, dtype={"scan_id": str, "subject_id": str, "level": str})
     (cache_dir / "ivv").mkdir(parents=True, exist_ok=True)
-    shipped = Detector.load(models[0])
-    # the one work-around (module docs): keep vertebrae seen on a single slice
-    detector = Detector(shipped.net, dataclasses.replace(shipped.config, min_slices=1), meta=shipped.meta)
+    detector = Detector.load(models[0])
     labeller = Labeller.load(models[1], models[2])
     rows, logs = [], []
     t0 = time.time()
@@ -159,7 +157,7 @@ def build_spider_ivvs(data_dir: str | Path, cache_dir: str | Path, levels: Seque
         sid, started = str(r.series), time.time()
         entry = {"scan_id": sid, "subject_id": str(r.patient), "n_vertebrae": 0, "levels": "", "n_ivvs": 0, "error": ""}
         try:
-            img = _read_png(data_dir / "images" / f"{sid}.png")
+            img = read_spider_slice(data_dir / "images" / f"{sid}.png")
             vol = img[None]  # (1, rows, cols): already canonical in-plane (README: head up, anterior left)
             spacing = (float(r.pixel_spacing_mm), float(r.pixel_spacing_mm))
             with torch.inference_mode():
