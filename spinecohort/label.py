@@ -470,8 +470,8 @@ LEVEL_FLAGS = {
     "no_vertebrae_detected": "nothing was detected, so nothing was labelled",
     "few_vertebrae": "fewer than 3 bodies: the sequence gives little context",
     "no_sacrum_in_view": "lumbar levels without S1: the counting anchor is missing",
-    "sacrum_cut_by_image_edge": "the image ends within one body height below the lowest body (S1 or "
-                                "lumbar): the sacrum that tells S1 from L5 is not in view",
+    "sacrum_cut_by_image_edge": "the image ends within one body height below the lowest body (lumbar, S1 "
+                                "or S2): the sacrum that tells S1 from L5 is not in view",
     "counting_variant_suspected": "the decoding (or a close alternative) has L6, T13 or four lumbar vertebrae",
     "low_confidence": "the labelling's posterior probability is below the threshold",
 }
@@ -613,7 +613,7 @@ def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weigh
     labelling or in alternatives holding at least ``variant_weight`` of the posterior, or in
     ``probe`` (the same bodies decoded with cheaper transitional states), for lumbar levels without
     S1, for an image that ends less than one body height (``room_below``: image below the lowest
-    body, in its heights) under a lowest body called S1 or lumbar, for fewer than 3 bodies, and for
+    body, in its heights) under a lowest body called S2, S1 or lumbar, for fewer than 3 bodies, and for
     ``confidence < min_confidence``."""
     labels = list(result.labels)
     if not any(lab is not None for lab in labels):
@@ -630,7 +630,8 @@ def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weigh
     if any(lab in _LUMBAR for lab in labels) and "S1" not in labels:
         flags.append("no_sacrum_in_view")
     lowest = next((lab for lab in labels if lab is not None), None)
-    if room_below is not None and room_below < 1.0 and (lowest == "S1" or lowest in _LUMBAR):
+    # a lowest "S2" at the image edge is as doubtful as a lowest S1: a cut S1 called S2 puts L5 on S1
+    if room_below is not None and room_below < 1.0 and (lowest in ("S1", "S2") or lowest in _LUMBAR):
         flags.append("sacrum_cut_by_image_edge")
     if _has_variant(labels) or variant_mass >= variant_weight or (probe is not None and _has_variant(probe.labels)):
         flags.append("counting_variant_suspected")

@@ -243,6 +243,15 @@ def test_sacrum_cut_by_image_edge_flag():
     assert "sacrum_cut_by_image_edge" in level_summary(res, room_below=0.4).flags
     assert "sacrum_cut_by_image_edge" not in level_summary(res, room_below=2.5).flags
     assert "sacrum_cut_by_image_edge" not in level_summary(res).flags
+    # a cut S1 at the image edge called S2 (L5 then called S1) is the same doubt
+    cut = beam_search(emissions(["S1", "S1", "L5", "L4", "L3"]), gaps=gap_ratios(centres([30, 38, 38, 38])))
+    assert cut.labels[0] == "S2"
+    assert "sacrum_cut_by_image_edge" in level_summary(cut, room_below=0.4).flags
+    E = emissions(["S1", "S1", "S1", "L5", "L4", "L3"])
+    E[:2] = 0.5 * E[:2] + 0.5 / 24
+    long_sacrum = beam_search(E, gaps=gap_ratios(centres([20, 26, 36, 37, 37])))
+    assert long_sacrum.labels[0] == "S3"
+    assert "sacrum_cut_by_image_edge" not in level_summary(long_sacrum, room_below=0.4).flags
     # a cervical field of view ending at T1 is not about the sacrum
     neck = beam_search(emissions(["T1", "C7", "C6", "C5"]), gaps=gap_ratios(centres([20] * 3)))
     assert "sacrum_cut_by_image_edge" not in level_summary(neck, room_below=0.2).flags

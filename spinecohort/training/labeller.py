@@ -21,7 +21,10 @@ Recipe (deterministic given ``--seed``):
    25 % public-lumbar (``--public-weight``); augmentation: lateral mirror, intensity
    inversion (25 %), gamma, contrast/brightness, blur, noise, size-feature noise and a shared
    subject-size shift (log SD 0.1: real lower thoracic bodies are ~20 % larger than the phantoms'). ``--exclude-source``
-   leaves a public-lumbar site out of every stage (leave-one-site-out evaluation).
+   leaves a public-lumbar site out of every stage (leave-one-site-out evaluation). With
+   ``--spider DIR`` SPIDER's mid-sagittal lumbar slices (four further hospitals) join the real
+   share, levels from ``--spider-teacher``'s confident decodings (self-training,
+   :func:`spider_pseudo_items`; half of them also cut tightly below S1), 4 volumes per body.
 3. **Context** (``--stage context``): appearance probabilities of the HELD-OUT synthetic scans
    (``seed % 5 == 4``, never seen by the appearance net) form, per level, a pool of realistic
    (mis)classifications. A training map takes one scan's body geometry (any split; extents in mm
@@ -32,7 +35,8 @@ Recipe (deterministic given ``--seed``):
    false-positive body with p = 0.15 and, below S1 with p = 0.3, one to three
    fused-sacral-segment detections with S1-like appearance (both unsupervised), and fills P as
    the labeller does. Loss: cross-entropy of P' on every row of every truth body (the public-
-   lumbar training geometry included, with its detector-derived S1 / T12); AdamW (lr 2e-3, one
+   lumbar training geometry included, with its detector-derived S1 / T12, and SPIDER's
+   pseudo-labelled geometry with ``--spider``); AdamW (lr 2e-3, one
    cycle), batch 12, 2000 steps.
 
 ``--stage all`` (default) runs the three in order and writes the appearance and context checkpoints
@@ -283,6 +287,65 @@ def public_lumbar_detector_items(detector, split: str = "train", k_jitter: int =
         items.update(seed=-1, fov="public-lumbar", name=ref.name, height_mm=case.volume.shape[1] * sp[0])
         out.append(items)
     log(f"public-lumbar {split} via the detector: {len(out)} cases, {n_extra} S1 / upper-neighbour bodies added")
+    return out
+
+
+def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: AppearanceConfig | None = None,
+                        seed: int = 0, log=print, tight_share: float = 0.5) -> list[dict]:
+    """Appearance items of SPIDER's mid-sagittal lumbar slices (van der Graaf et al. 2024; four
+    hospitals, Philips and Siemens, 1.5 / 3 T, T1 / T2 / T2-SPACE) labelled by a ``teacher``
+    :class:`spinecohort.label.Labeller` (self-training: SPIDER gives no vertebra positions).
+    Each slice runs as a 1-slice volume through ``detector`` and the teacher; only series the
+    teacher decodes with an S1 and without any level flag are kept (a confident count from the
+    sacrum), every detected body of them supervised with the teacher's level. What this adds is
+    real S1s and lumbar bodies from scanners the public-lumbar sites do not cover; the levels are
+    the teacher's, so for leave-one-site-out figures the teacher must be the fold's own labeller.
+
+    SPIDER's slices show the whole sacrum; real lumbar series are often framed tightly (the image
+    ends inside S1). A ``tight_share`` of the kept series is added a second time cut at a row
+    drawn between 30 % down S1 and half a body below it (bodies below the cut dropped), so that
+    real S1s do not teach that a lowest body at the image edge is S1."""
+    import pandas as pd
+
+    from .grader_real import read_spider_slice
+
+    cfg = cfg or AppearanceConfig()
+    root = Path(root)
+    series = pd.read_csv(root / "series.csv", dtype={"series": str})
+    out, n_skipped = [], 0
+    t0 = time.time()
+    for r in series.itertuples(index=False):
+        img = read_spider_slice(root / "images" / f"{r.series}.png")
+        vol = img[None]
+        sp = (float(r.pixel_spacing_mm), float(r.pixel_spacing_mm))
+        with torch.inference_mode():
+            dets = detector.detect(vol, sp)
+            verts = [{"vertebra_id": k, "polygons": d.polygons, "centroid": d.centroid} for k, d in enumerate(dets)]
+            labels, summary = teacher.label_scan(vol, sp, float(r.slice_thickness_mm), verts) if verts else ([], None)
+        levels = [lvl for lvl, _ in labels]
+        if summary is None or summary.flags or "S1" not in levels:
+            n_skipped += 1
+            continue
+        bodies = [(lvl, d.polygons, d.centroid, False) for lvl, d in zip(levels, dets) if lvl in LEVEL_INDEX]
+        bodies.sort(key=lambda t: -t[2][1])
+        rng = np.random.default_rng([seed, int(r.patient), len(out), 29])
+        items = _scan_items(vol, sp, bodies, rng, cfg, k_jitter, strength=0.5)
+        items.update(seed=-1, fov="spider", name=str(r.series), height_mm=vol.shape[1] * sp[0])
+        out.append(items)
+        if rng.random() < tight_share:
+            s1_rows = np.concatenate([np.asarray(q)[:, 0] for lvl, polys, _, _ in bodies if lvl == "S1"
+                                      for q in polys.values()])
+            top, bottom = float(s1_rows.min()), float(s1_rows.max())
+            cut = int(rng.uniform(top + 0.3 * (bottom - top), bottom + 0.5 * (bottom - top)))
+            cut = min(cut, vol.shape[1])
+            kept = [b for b in bodies if min(np.asarray(q)[:, 0].min() for q in b[1].values()) < cut - 3]
+            items = _scan_items(vol[:, :cut], sp, kept, rng, cfg, k_jitter, strength=0.5)
+            items.update(seed=-1, fov="spider-tight", name=f"{r.series}-tight", height_mm=cut * sp[0])
+            out.append(items)
+    n_tight = sum(it["fov"] == "spider-tight" for it in out)
+    log(f"SPIDER pseudo-labelled by the teacher: {len(out) - n_tight} series kept (+{n_tight} cut tightly), "
+        f"{n_skipped} skipped (no S1 or a level flag), {sum(len(it['geometry']) for it in out)} bodies "
+        f"({time.time() - t0:.0f} s)")
     return out
 
 
@@ -590,6 +653,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--public-lumbar", default=None)
     p.add_argument("--detector", default=str(default_model_path("detector")),
                    help="detector used to find S1/T12 on public-lumbar training cases (skipped if absent)")
+    p.add_argument("--spider", default=None,
+                   help="SPIDER mid-sagittal folder: add its slices, levels from --spider-teacher (self-training)")
+    p.add_argument("--spider-teacher", nargs=2, metavar=("APPEARANCE", "CONTEXT"),
+                   default=[str(DEFAULT_APPEARANCE), str(DEFAULT_CONTEXT)],
+                   help="labeller whose confident SPIDER decodings supervise (leave-one-site-out: the fold's own)")
     p.add_argument("--exclude-source", action="append", default=[],
                    help="leave this public-lumbar site (vb2, vb3, ivd) out of training; repeatable "
                         "(leave-one-site-out evaluation)")
@@ -634,6 +702,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         detector = Detector.load(args.detector)
         log(f"detector {args.detector} found: public-lumbar S1/T12 supervised from its detections")
     pub_det: list[dict] = []
+    spider: list[dict] = []
+    if args.spider and args.stage in ("appearance", "context", "all"):
+        from ..label import Labeller
+
+        if detector is None:
+            raise SystemExit("--spider needs --detector: SPIDER gives no vertebra positions")
+        spider = spider_pseudo_items(detector, Labeller.load(*args.spider_teacher), args.spider, 4, acfg,
+                                     args.seed, log)
     if args.stage in ("appearance", "all"):
         syn = load_synthetic_cache(cache, args.n_synthetic, grid=acfg.grid)
         pub, pub_val = [], []
@@ -647,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FileNotFoundError as e:
             log(f"public-lumbar not available ({e}); synthetic only")
         t0 = time.time()
-        net = train_appearance(syn, pub + pub_det, pub_val, steps=args.appearance_steps, seed=args.seed,
+        net = train_appearance(syn, pub + pub_det + spider, pub_val, steps=args.appearance_steps, seed=args.seed,
                                public_weight=args.public_weight, cfg=acfg, log=log, minutes=args.minutes)
         va = [it for it in syn if is_heldout_seed(int(it["seed"]))]
         metrics = {}
@@ -659,7 +735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics["public_lumbar_val_top1"], metrics["public_lumbar_val_within1"] = a, a1
         meta = {"recipe": "spinecohort.training.labeller", "argv": list(argv if argv is not None else sys.argv[1:]),
                 "seed": args.seed, "n_synthetic": args.n_synthetic, "steps": args.appearance_steps,
-                "public_lumbar_detector_items": len(pub_det),
+                "public_lumbar_detector_items": len(pub_det), "spider_pseudo_series": len(spider),
+                "spider_teacher": [Path(x).name for x in args.spider_teacher] if spider else [],
                 "exclude_sources": list(args.exclude_source),
                 "train_seconds": round(time.time() - t0, 1), "metrics": metrics}
         save_labeller_checkpoint(args.appearance_out, net, acfg, meta)
@@ -680,6 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             tuple(args.exclude_source))
         except FileNotFoundError:
             pass
+        geos += spider
         sampler = ContextSampler(geos, pools, own, temperature=acfg.temperature, pad_multiple=ccfg.pad_multiple)
         t0 = time.time()
         cnet = train_context(sampler, steps=args.context_steps, seed=args.seed, cfg=ccfg, log=log,
