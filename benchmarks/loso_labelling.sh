@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Leave-one-site-out labelling on public-lumbar: for each site, train the appearance + context
-# networks without it (the shipped recipe, models/appearance-cpu-v4.md) and score detection +
+# networks without it (the shipped recipe, models/appearance-cpu-v3.md) and score detection +
 # labelling on all of that site's cases (training and validation split: the fold saw neither).
-# With SPIDER (the shipped recipe) each fold trains twice: first without SPIDER, then with SPIDER's
-# slices labelled by that first model (the fold's own teacher, never one that saw the site).
+# Given a SPIDER folder (the self-training experiment in models/context-cpu-v3.md, not the shipped
+# recipe) each fold trains twice: first without SPIDER, then with SPIDER's slices labelled by that
+# first model (the fold's own teacher, never one that saw the site).
 # Prints one table per site, then fits level_probability's calibration on the held-out sites'
 # TRAINING-split scans and prints reliability before / after. About 7 min per site and round on
 # 2 cores; writes only under $OUT.
-#   bash benchmarks/loso_labelling.sh [OUT=/tmp/spinecohort-loso] [DETECTOR_FOR_ITEMS] [SPIDER_DIR|none]
+#   bash benchmarks/loso_labelling.sh [OUT=/tmp/spinecohort-loso] [DETECTOR_FOR_ITEMS] [SPIDER_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/spinecohort-loso}
 ITEMS_DETECTOR=${2:-models/detector-cpu-v6.pt}
-SPIDER=${3:-../shared/data/spider-midsagittal}
+SPIDER=${3:-none}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
 train() {  # site, output tag, extra arguments

@@ -613,7 +613,8 @@ def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weigh
     labelling or in alternatives holding at least ``variant_weight`` of the posterior, or in
     ``probe`` (the same bodies decoded with cheaper transitional states), for lumbar levels without
     S1, for an image that ends less than one body height (``room_below``: image below the lowest
-    body, in its heights) under a lowest body called S2, S1 or lumbar, for fewer than 3 bodies, and for
+    body, in the scan's median body height) under a lowest body called S2, S1 or lumbar, for fewer
+    than 3 bodies, and for
     ``confidence < min_confidence``."""
     labels = list(result.labels)
     if not any(lab is not None for lab in labels):
@@ -838,10 +839,12 @@ class Labeller:
             p = self.beam.variant_probe_penalty
             probe = beam_search(em, replace(self.beam, six_lumbar_penalty=p, t13_penalty=p, four_lumbar_penalty=p),
                                 gaps)
-        # image left below the lowest body's mid-slice inferior endplate, in its heights (a tight
-        # field of view hides the sacrum); not the all-slice box, which lateral slices inflate
+        # image left below the lowest body's mid-slice inferior endplate, in the scan's median
+        # body height (a tight field of view hides the sacrum; a small sacral segment's own height
+        # would understate it); mid-slice extents, not the all-slice box lateral slices inflate
         low = geoms[lead[0]]
-        room_below = (np.asarray(volume).shape[1] - 1 - low.bottom) / max(low.bottom - low.top, 1.0)
+        body_height = float(np.median([geoms[m].bottom - geoms[m].top for m in lead]))
+        room_below = (np.asarray(volume).shape[1] - 1 - low.bottom) / max(body_height, 1.0)
         summary = level_summary(res_g, self.min_confidence, probe=probe, room_below=room_below)
         raw = raw_probabilities(res_g, em)
         reported = calibrated_probabilities(raw, bool(summary.flags), self.beam.probability_calibration)

@@ -322,19 +322,19 @@ def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: Appeara
             dets = detector.detect(vol, sp)
             verts = [{"vertebra_id": k, "polygons": d.polygons, "centroid": d.centroid} for k, d in enumerate(dets)]
             labels, summary = teacher.label_scan(vol, sp, float(r.slice_thickness_mm), verts) if verts else ([], None)
-        levels = [lvl for lvl, _ in labels]
-        if summary is None or summary.flags or "S1" not in levels:
+        names = [lvl for lvl, _ in labels]
+        if summary is None or summary.flags or "S1" not in names:
             n_skipped += 1
             continue
-        bodies = [(lvl, d.polygons, d.centroid, False) for lvl, d in zip(levels, dets) if lvl in LEVEL_INDEX]
+        bodies = [(lvl, d.polygons, d.centroid, False) for lvl, d in zip(names, dets) if lvl in LEVEL_INDEX]
         bodies.sort(key=lambda t: -t[2][1])
         rng = np.random.default_rng([seed, int(r.patient), len(out), 29])
         items = _scan_items(vol, sp, bodies, rng, cfg, k_jitter, strength=0.5)
         items.update(seed=-1, fov="spider", name=str(r.series), height_mm=vol.shape[1] * sp[0])
         out.append(items)
         if rng.random() < tight_share:
-            s1_rows = np.concatenate([np.asarray(q)[:, 0] for lvl, polys, _, _ in bodies if lvl == "S1"
-                                      for q in polys.values()])
+            s1_rows = np.concatenate([np.asarray(q)[:, 0] for lvl, d in zip(names, dets) if lvl == "S1"
+                                      for q in d.polygons.values()])
             top, bottom = float(s1_rows.min()), float(s1_rows.max())
             cut = int(rng.uniform(top + 0.3 * (bottom - top), bottom + 0.5 * (bottom - top)))
             cut = min(cut, vol.shape[1])

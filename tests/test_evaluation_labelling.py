@@ -1,0 +1,25 @@
+"""Labelling evaluation: the mode that simulates a detector missing the sacrum."""
+from __future__ import annotations
+
+from spinecohort.detect import Detector
+from spinecohort.evaluation.labelling import evaluate_scan, gt_from_polys
+from spinecohort.label import Labeller
+from spinecohort.shipped import default_model_path
+from spinecohort.synthetic import generate_scan
+
+
+def test_end2end_no_sacrum_drops_only_the_detections_below_the_lowest_annotated_body():
+    scan = generate_scan(6, fov="lumbar", contrast="T2", n_slices=9, rows=256)
+    sp = (scan.pixel_spacing_mm, scan.pixel_spacing_mm)
+    # annotated as on public-lumbar: the lumbar bodies only, the sacrum visible but unannotated
+    gt = [gt_from_polys(v.level, v.polygons, v.centroid, sp, v.partial) for v in scan.vertebrae
+          if v.level.startswith("L")]
+    assert any(v.level == "S1" for v in scan.vertebrae)
+    labeller = Labeller.load(default_model_path("appearance"), default_model_path("context"))
+    res = evaluate_scan(scan.volume, sp, scan.slice_spacing_mm, gt, labeller,
+                        Detector.load(default_model_path("detector")), modes=("end2end", "end2end-no-sacrum"))
+    full, cut = res["end2end"], res["end2end-no-sacrum"]
+    assert "S1" in full["labels"] and "S1" not in cut["labels"]
+    assert cut["n_detections"] < full["n_detections"]
+    # every annotated body is still detected: only the sacrum went
+    assert cut["detected"] == full["detected"] == full["n"]
