@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from spinecohort.detect import Detector
-from spinecohort.evaluation.labelling import evaluate_scan, gt_from_polys
+import math
+
+from spinecohort.evaluation.labelling import evaluate_scan, gt_from_polys, level_ordinal
 from spinecohort.label import Labeller
 from spinecohort.shipped import default_model_path
 from spinecohort.synthetic import generate_scan
@@ -23,3 +25,11 @@ def test_end2end_no_sacrum_drops_only_the_detections_below_the_lowest_annotated_
     assert cut["n_detections"] < full["n_detections"]
     # every annotated body is still detected: only the sacrum went
     assert cut["detected"] == full["detected"] == full["n"]
+
+
+def test_level_ordinal_places_transitional_and_sacral_labels_between_their_neighbours():
+    assert level_ordinal("S1") == 0.0 and level_ordinal("L5") == 1.0
+    assert level_ordinal("L6") == 0.5          # between S1 and L5
+    assert level_ordinal("T13") == 5.5         # between L1 and T12
+    assert level_ordinal("S2") == -1.0 and level_ordinal("C1") == 24.0
+    assert math.isnan(level_ordinal(None)) and math.isnan(level_ordinal("X9"))

@@ -48,6 +48,8 @@ from ..tasks import LEVEL_INDEX
 __all__ = ["level_ordinal", "match_bodies", "gt_from_polys", "evaluate_scan", "evaluate_labelling", "main"]
 
 SEED_BASE = {"lumbar": 1_000_000, "whole": 2_000_000, "cervical": 3_000_000}
+#: positions of the labels outside LEVELS on the LEVEL_INDEX scale (S1 = 0 ... C2 = 23)
+_EXTRA_ORDINAL = {"S2": -1.0, "L6": 0.5, "T13": 5.5, "C1": 24.0}
 
 
 
