@@ -94,7 +94,7 @@ DEFAULT_CACHE = Path("/tmp/spinecohort-labeller-cache")
 #: map of level_probability was fitted the same way (``spinecohort.evaluation.labelling --calibrate-from``).
 #: Without C2 in view a transitional decoding is re-counted from the sacrum (label.count_from_sacrum):
 #: on SPIDER's lumbar slices the labeller otherwise put an L6 above the sacrum in 8 % of series.
-SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 12.0, "probability_calibration": (2.2862, -0.8545, 0.0667),
+SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 12.0, "probability_calibration": (3.2094, -1.7907, 0.0627),
                 "count_from_sacrum_without_c2": True}
 DEFAULT_APPEARANCE = default_model_path("appearance")
 DEFAULT_CONTEXT = default_model_path("context")
