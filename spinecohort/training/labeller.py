@@ -290,8 +290,17 @@ def public_lumbar_detector_items(detector, split: str = "train", k_jitter: int =
     return out
 
 
+def _only_levels(items: dict, levels: Sequence[str] | None) -> dict:
+    """Appearance volumes of ``items`` restricted to ``levels`` (geometry untouched)."""
+    if levels is None:
+        return items
+    keep = np.isin(items["labels"], [LEVEL_INDEX[lvl] for lvl in levels])
+    return {**items, **{k: items[k][keep] for k in ("crops", "feats", "labels", "body")}}
+
+
 def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: AppearanceConfig | None = None,
-                        seed: int = 0, log=print, tight_share: float = 0.5) -> list[dict]:
+                        seed: int = 0, log=print, tight_share: float = 0.5,
+                        levels: Sequence[str] | None = None) -> list[dict]:
     """Appearance items of SPIDER's mid-sagittal lumbar slices (van der Graaf et al. 2024; four
     hospitals, Philips and Siemens, 1.5 / 3 T, T1 / T2 / T2-SPACE) labelled by a ``teacher``
     :class:`spinecohort.label.Labeller` (self-training: SPIDER gives no vertebra positions).
@@ -304,7 +313,10 @@ def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: Appeara
     SPIDER's slices show the whole sacrum; real lumbar series are often framed tightly (the image
     ends inside S1). A ``tight_share`` of the kept series is added a second time cut at a row
     drawn between 30 % down S1 and half a body below it (bodies below the cut dropped), so that
-    real S1s do not teach that a lowest body at the image edge is S1."""
+    real S1s do not teach that a lowest body at the image edge is S1.
+
+    ``levels``: only the bodies the teacher gives one of these levels become appearance volumes
+    (all when None); the geometry (context training) keeps every body."""
     import pandas as pd
 
     from .grader_real import read_spider_slice
@@ -329,7 +341,7 @@ def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: Appeara
         bodies = [(lvl, d.polygons, d.centroid, False) for lvl, d in zip(names, dets) if lvl in LEVEL_INDEX]
         bodies.sort(key=lambda t: -t[2][1])
         rng = np.random.default_rng([seed, int(r.patient), len(out), 29])
-        items = _scan_items(vol, sp, bodies, rng, cfg, k_jitter, strength=0.5)
+        items = _only_levels(_scan_items(vol, sp, bodies, rng, cfg, k_jitter, strength=0.5), levels)
         items.update(seed=-1, fov="spider", name=str(r.series), height_mm=vol.shape[1] * sp[0])
         out.append(items)
         if rng.random() < tight_share:
@@ -339,7 +351,7 @@ def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: Appeara
             cut = int(rng.uniform(top + 0.3 * (bottom - top), bottom + 0.5 * (bottom - top)))
             cut = min(cut, vol.shape[1])
             kept = [b for b in bodies if min(np.asarray(q)[:, 0].min() for q in b[1].values()) < cut - 3]
-            items = _scan_items(vol[:, :cut], sp, kept, rng, cfg, k_jitter, strength=0.5)
+            items = _only_levels(_scan_items(vol[:, :cut], sp, kept, rng, cfg, k_jitter, strength=0.5), levels)
             items.update(seed=-1, fov="spider-tight", name=f"{r.series}-tight", height_mm=cut * sp[0])
             out.append(items)
     n_tight = sum(it["fov"] == "spider-tight" for it in out)
@@ -658,6 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--spider-teacher", nargs=2, metavar=("APPEARANCE", "CONTEXT"),
                    default=[str(DEFAULT_APPEARANCE), str(DEFAULT_CONTEXT)],
                    help="labeller whose confident SPIDER decodings supervise (leave-one-site-out: the fold's own)")
+    p.add_argument("--spider-levels", nargs="+", default=None, metavar="LEVEL",
+                   help="SPIDER bodies the appearance net learns from (default all; the context net sees all)")
     p.add_argument("--exclude-source", action="append", default=[],
                    help="leave this public-lumbar site (vb2, vb3, ivd) out of training; repeatable "
                         "(leave-one-site-out evaluation)")
@@ -709,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if detector is None:
             raise SystemExit("--spider needs --detector: SPIDER gives no vertebra positions")
         spider = spider_pseudo_items(detector, Labeller.load(*args.spider_teacher), args.spider, 4, acfg,
-                                     args.seed, log)
+                                     args.seed, log, levels=args.spider_levels)
     if args.stage in ("appearance", "all"):
         syn = load_synthetic_cache(cache, args.n_synthetic, grid=acfg.grid)
         pub, pub_val = [], []
@@ -737,6 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "seed": args.seed, "n_synthetic": args.n_synthetic, "steps": args.appearance_steps,
                 "public_lumbar_detector_items": len(pub_det), "spider_pseudo_series": len(spider),
                 "spider_teacher": [Path(x).name for x in args.spider_teacher] if spider else [],
+                "spider_levels": args.spider_levels,
                 "exclude_sources": list(args.exclude_source),
                 "train_seconds": round(time.time() - t0, 1), "metrics": metrics}
         save_labeller_checkpoint(args.appearance_out, net, acfg, meta)
