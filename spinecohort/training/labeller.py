@@ -294,7 +294,7 @@ def _only_levels(items: dict, levels: Sequence[str] | None) -> dict:
     """Appearance volumes of ``items`` restricted to ``levels`` (geometry untouched)."""
     if levels is None:
         return items
-    keep = np.isin(items["labels"], [LEVEL_INDEX[lvl] for lvl in levels])
+    keep = np.isin(items["labels"], [LEVEL_INDEX[lvl] for lvl in levels if lvl in LEVEL_INDEX])
     return {**items, **{k: items[k][keep] for k in ("crops", "feats", "labels", "body")}}
 
 
