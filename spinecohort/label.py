@@ -614,8 +614,7 @@ def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weigh
     ``probe`` (the same bodies decoded with cheaper transitional states), for lumbar levels without
     S1, for an image that ends less than one body height (``room_below``: image below the lowest
     body, in the scan's median body height) under a lowest body called S2, S1 or lumbar, for fewer
-    than 3 bodies, and for
-    ``confidence < min_confidence``."""
+    than 3 bodies, and for ``confidence < min_confidence``."""
     labels = list(result.labels)
     if not any(lab is not None for lab in labels):
         return LevelSummary(float("nan"), ("no_vertebrae_detected",))

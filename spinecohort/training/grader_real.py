@@ -38,7 +38,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -111,17 +111,20 @@ def match_grades(ivv_table: pd.DataFrame, labels: pd.DataFrame) -> tuple[pd.Data
     return matched, miss.reset_index(drop=True)
 
 
-def read_spider_slice(path: Path) -> np.ndarray:
-    """One SPIDER mid-sagittal PNG as a float32 (rows, cols) image (head up, anterior left)."""
+def spider_volume(data_dir: str | Path, series: Any) -> tuple[np.ndarray, tuple[float, float]]:
+    """A SPIDER series (a ``series.csv`` row) as the pipeline reads it: its mid-sagittal PNG as a
+    float32 1-slice volume (1, rows, cols), already the canonical in-plane view (README: head up,
+    anterior left), and its (row, col) pixel spacing in mm (square pixels)."""
     from PIL import Image
 
+    path = Path(data_dir) / "images" / f"{series.series}.png"
     if not path.exists():
         raise FileNotFoundError(f"SPIDER image {path} is missing")
     with Image.open(path) as im:
         img = np.asarray(im.convert("L"), np.float32)
     if img.ndim != 2 or min(img.shape) < 32:
         raise ValueError(f"{path}: expected a 2-D grey image, got shape {img.shape}")
-    return img
+    return img[None], (float(series.pixel_spacing_mm), float(series.pixel_spacing_mm))
 
 
 def build_spider_ivvs(data_dir: str | Path, cache_dir: str | Path, levels: Sequence[str] = SPIDER_LEVELS,
@@ -157,9 +160,7 @@ def build_spider_ivvs(data_dir: str | Path, cache_dir: str | Path, levels: Seque
         sid, started = str(r.series), time.time()
         entry = {"scan_id": sid, "subject_id": str(r.patient), "n_vertebrae": 0, "levels": "", "n_ivvs": 0, "error": ""}
         try:
-            img = read_spider_slice(data_dir / "images" / f"{sid}.png")
-            vol = img[None]  # (1, rows, cols): already canonical in-plane (README: head up, anterior left)
-            spacing = (float(r.pixel_spacing_mm), float(r.pixel_spacing_mm))
+            vol, spacing = spider_volume(data_dir, r)
             with torch.inference_mode():
                 dets = detector.detect(vol, spacing)
             verts = [{"vertebra_id": k, "polygons": d.polygons, "centroid": d.centroid} for k, d in enumerate(dets)]

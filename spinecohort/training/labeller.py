@@ -319,7 +319,7 @@ def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: Appeara
     (all when None); the geometry (context training) keeps every body."""
     import pandas as pd
 
-    from .grader_real import read_spider_slice
+    from .grader_real import spider_volume
 
     cfg = cfg or AppearanceConfig()
     root = Path(root)
@@ -327,9 +327,7 @@ def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: Appeara
     out, n_skipped = [], 0
     t0 = time.time()
     for r in series.itertuples(index=False):
-        img = read_spider_slice(root / "images" / f"{r.series}.png")
-        vol = img[None]
-        sp = (float(r.pixel_spacing_mm), float(r.pixel_spacing_mm))
+        vol, sp = spider_volume(root, r)
         with torch.inference_mode():
             dets = detector.detect(vol, sp)
             verts = [{"vertebra_id": k, "polygons": d.polygons, "centroid": d.centroid} for k, d in enumerate(dets)]
