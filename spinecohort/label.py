@@ -83,14 +83,8 @@ __all__ = [
     "raw_probabilities",
     "calibrated_probabilities",
     "fit_probability_calibration",
-    "fit_logistic",
-    "SACRUM_FEATURES",
-    "sacrum_geometry_features",
-    "sacrum_geometry_logits",
-    "fit_sacrum_geometry",
     "gap_ratios",
     "duplicate_groups",
-    "vertebra_groups",
     "build_appearance_net",
     "build_context_net",
     "save_labeller_checkpoint",
@@ -167,12 +161,9 @@ class BeamConfig(StoredConfig):
     # level_probability = sigmoid(a + b * scan flagged + c * logit(raw probability)), (a, b, c)
     # fitted on leave-one-site-out labellings; () reports the raw probability
     probability_calibration: tuple[float, ...] = ()
-    # the geometric sacrum cue (sacrum_geometry_logits): intercept, then the means, scales and
-    # weights of SACRUM_FEATURES; () leaves the emissions as the networks give them
-    sacrum_geometry: tuple[float, ...] = ()
-    # without C2 in view, a decoding that does not put S1 on the top of the sacrum (the most cranial
-    # of the lowest bodies whose evidence, with the sacrum cue, is sacral) is re-decoded from it
-    # (anchor_at_sacrum); off by default: the official family keeps the reference decoding
+    # without C2 in view, a decoding that does not put S1 on the lowest body whose evidence is
+    # clearly S1 is re-decoded from that body up (anchor_at_sacrum); off by default: the official
+    # family keeps the reference decoding
     anchor_at_sacrum: bool = False
 
 
@@ -203,7 +194,6 @@ class VertebraGeometry:
     top: float                     # mid-slice superior endplate centre row (pixels)
     bottom: float                  # mid-slice inferior endplate centre row (pixels)
     centroid: tuple[float, float, float]
-    corners: np.ndarray | None = None  # mid-slice polygon (4, 2) (row, col) pixels, SA SP IP IA
 
 
 def _as_polygons(polygons: Mapping[Any, Any] | None) -> dict[int, np.ndarray]:
@@ -243,7 +233,7 @@ def vertebra_geometry(polygons: Mapping[Any, Any] | None, centroid: Sequence[flo
         top, bottom = bottom, top
     return VertebraGeometry((float(allp[:, 0].min()), float(allp[:, 0].max())),
                             (float(allp[:, 1].min()), float(allp[:, 1].max())),
-                            (ks[0], ks[-1]), top, bottom, cen, np.array(q, dtype=np.float64))
+                            (ks[0], ks[-1]), top, bottom, cen)
 
 
 def _slice_weights(n_src: int, lo: float, hi: float, n_out: int) -> tuple[np.ndarray, int, int]:
@@ -488,8 +478,8 @@ LEVEL_FLAGS = {
     "sacrum_cut_by_image_edge": "the image ends within one body height below the lowest body (lumbar, S1 "
                                 "or S2): the sacrum that tells S1 from L5 is not in view",
     "counting_variant_suspected": "the decoding (or a close alternative) has L6, T13 or four lumbar vertebrae",
-    "recounted_from_sacrum": "the networks' count above the sacrum disagreed with the body found as S1 (its "
-                             "evidence and its geometry); the levels were counted up from that S1",
+    "recounted_from_sacrum": "the networks' count above the sacrum disagreed with the body they call S1 "
+                             "most clearly; the levels were counted up from that S1",
     "low_confidence": "the labelling's posterior probability is below the threshold",
 }
 _LUMBAR = ("L1", "L2", "L3", "L4", "L5", "L6")
@@ -587,138 +577,46 @@ def calibrated_probabilities(raw: Sequence[float], flagged: bool, coef: Sequence
     return [float(x) if np.isfinite(r) else float("nan") for x, r in zip(1 / (1 + np.exp(-z)), raw)]
 
 
-def fit_logistic(X: np.ndarray, y: Sequence[float], penalty: Sequence[float], weights: Sequence[float] | None = None,
-                 iterations: int = 50) -> np.ndarray:
-    """Weights of an L2-regularised (per-column ``penalty``) logistic regression of ``y`` on the
-    columns of ``X`` (include a column of ones for an intercept), by Newton steps."""
-    X = np.asarray(X, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    sw = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
-    reg = np.diag(np.asarray(penalty, dtype=np.float64))
-    w = np.zeros(X.shape[1])
+def fit_probability_calibration(raw: Sequence[float], flagged: Sequence[bool], correct: Sequence[bool],
+                                l2: float = 1.0, iterations: int = 50) -> tuple[float, float, float]:
+    """(a, b, c) of :func:`calibrated_probabilities` by L2-regularised logistic regression (Newton
+    steps; Platt scaling with the scan's flag as a second feature) on labelled bodies."""
+    X = np.column_stack([np.ones(len(raw)), np.asarray(flagged, float), _logit(raw)])
+    y = np.asarray(correct, float)
+    w = np.zeros(3)
+    reg = l2 * np.diag([0.01, 1.0, 1.0])  # the intercept barely shrunk (finite on separable data)
     for _ in range(iterations):
         p = 1 / (1 + np.exp(-X @ w))
-        grad = X.T @ (sw * (p - y)) + reg @ w
-        hess = (X * (sw * p * (1 - p))[:, None]).T @ X + reg + 1e-9 * np.eye(X.shape[1])
+        grad = X.T @ (p - y) + reg @ w
+        hess = (X * (p * (1 - p))[:, None]).T @ X + reg + 1e-9 * np.eye(3)
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.abs(step).max() < 1e-8:
             break
-    return w
-
-
-def fit_probability_calibration(raw: Sequence[float], flagged: Sequence[bool], correct: Sequence[bool],
-                                l2: float = 1.0, iterations: int = 50) -> tuple[float, float, float]:
-    """(a, b, c) of :func:`calibrated_probabilities` by L2-regularised logistic regression (Platt
-    scaling with the scan's flag as a second feature) on labelled bodies."""
-    X = np.column_stack([np.ones(len(raw)), np.asarray(flagged, float), _logit(raw)])
-    # the intercept barely shrunk (finite on separable data)
-    w = fit_logistic(X, correct, l2 * np.array([0.01, 1.0, 1.0]), iterations=iterations)
     return float(w[0]), float(w[1]), float(w[2])
 
 
-#: Mid-slice geometry of a candidate body that tells the top of the sacrum from L5 on any contrast
-#: (the detector's corners generalise across sites where the appearance networks do not):
-#: its axis tilted against the column above it (sacral slope: about 37 degrees on S1 against 22 on
-#: L5, alike on the three public-lumbar sites), the wedge between its superior endplate and the
-#: inferior endplate of the body above, its height and depth against the scan's median body,
-#: height / depth, anterior / posterior height, the disc gap above and below (a fused S2 leaves
-#: almost none) against the scan's median gap, whether a body lies below, and the image left below
-#: it in median body heights (a tight field of view).
-SACRUM_FEATURES = ("tilt_deg", "endplate_wedge_deg", "height_rel", "depth_rel", "height_depth",
-                   "anterior_posterior", "gap_above_rel", "gap_below_rel", "has_below", "room_below")
-#: the caudal-most bodies the cue looks at (S1 is among them when in view: at most S3, S2 below it)
-SACRUM_CANDIDATES = 3
-#: the cue moves a body's S1 evidence by at most this many nats
-SACRUM_MAX_NATS = 4.0
-
-
-def _angle_deg(v: np.ndarray) -> float:
-    return math.degrees(math.atan2(float(v[0]), float(v[1])))
-
-
-def _wrap_deg(a: float) -> float:
-    return (a + 180.0) % 360.0 - 180.0
-
-
-def sacrum_geometry_features(geoms: Sequence[VertebraGeometry], pixel_spacing_mm: Sequence[float],
-                             n_rows: int) -> np.ndarray:
-    """(min(n, SACRUM_CANDIDATES), len(SACRUM_FEATURES)) features of the caudal-most bodies of
-    ``geoms`` (one per vertebra, caudal first); empty when fewer than three bodies or any of them
-    without corners (the cue needs the column above a candidate)."""
-    if len(geoms) < 3 or any(g.corners is None for g in geoms):
-        return np.zeros((0, len(SACRUM_FEATURES)))
-    scale = np.array([float(pixel_spacing_mm[0]), float(pixel_spacing_mm[1])])
-    Q = [np.asarray(g.corners, dtype=np.float64) * scale for g in geoms]
-    sup = [(q[0] + q[1]) / 2 for q in Q]
-    inf = [(q[2] + q[3]) / 2 for q in Q]
-    axes = [s - i for s, i in zip(sup, inf)]
-    heights = np.array([np.linalg.norm(a) for a in axes])
-    depths = np.array([np.linalg.norm((q[1] + q[2]) / 2 - (q[0] + q[3]) / 2) for q in Q])
-    gaps = np.array([np.linalg.norm(sup[i] - inf[i + 1]) for i in range(len(Q) - 1)])
-    med_h, med_d = max(float(np.median(heights)), 1e-3), max(float(np.median(depths)), 1e-3)
-    med_gap = max(float(np.median(gaps)), 1e-3)
-    bottom_mm = n_rows * scale[0]
-    rows = []
-    for i in range(min(SACRUM_CANDIDATES, len(Q) - 2)):
-        q = Q[i]
-        above = np.mean([axes[k] / max(heights[k], 1e-3) for k in range(i + 1, min(i + 4, len(Q)))], axis=0)
-        tilt = _wrap_deg(_angle_deg(axes[i]) - _angle_deg(above))
-        wedge = _wrap_deg(_angle_deg(q[1] - q[0]) - _angle_deg(Q[i + 1][2] - Q[i + 1][3]))
-        posterior = max(float(np.linalg.norm(q[1] - q[2])), 1e-3)
-        rows.append([tilt, wedge, heights[i] / med_h, depths[i] / med_d, heights[i] / max(depths[i], 1e-3),
-                     float(np.linalg.norm(q[0] - q[3])) / posterior, gaps[i] / med_gap,
-                     gaps[i - 1] / med_gap if i > 0 else 0.0, float(i > 0),
-                     (bottom_mm - float(inf[i][0])) / med_h])
-    return np.asarray(rows, dtype=np.float64)
-
-
-def sacrum_geometry_logits(features: np.ndarray, coef: Sequence[float]) -> np.ndarray:
-    """Log-odds that each candidate is S1 against the other levels (the cue is fitted with balanced
-    classes, so this is a likelihood ratio: the networks' evidence supplies the prior), clipped to
-    +-SACRUM_MAX_NATS."""
-    n = len(SACRUM_FEATURES)
-    c = np.asarray(coef, dtype=np.float64)
-    if c.size != 1 + 3 * n:
-        raise ValueError(f"sacrum_geometry needs {1 + 3 * n} numbers, got {c.size}")
-    mean, sd, w = c[1:1 + n], c[1 + n:1 + 2 * n], c[1 + 2 * n:]
-    z = c[0] + ((np.asarray(features, dtype=np.float64) - mean) / sd) @ w
-    return np.clip(z, -SACRUM_MAX_NATS, SACRUM_MAX_NATS)
-
-
-def fit_sacrum_geometry(features: np.ndarray, is_s1: Sequence[bool], l2: float = 3.0) -> tuple[float, ...]:
-    """:attr:`BeamConfig.sacrum_geometry` from candidate bodies (features, whether each is S1):
-    standardised features, classes weighted to equal total weight, L2 ``l2`` on the weights."""
-    X = np.asarray(features, dtype=np.float64)
-    y = np.asarray(is_s1, dtype=np.float64)
-    if not (0 < y.sum() < len(y)):
-        raise ValueError("the sacrum cue needs candidates that are S1 and candidates that are not")
-    mean, sd = X.mean(axis=0), X.std(axis=0)
-    sd = np.where(sd > 1e-9, sd, 1.0)
-    weights = np.where(y > 0, 0.5 / y.sum(), 0.5 / (len(y) - y.sum())) * len(y)
-    Z = np.column_stack([np.ones(len(y)), (X - mean) / sd])
-    w = fit_logistic(Z, y, np.r_[0.01, np.full(X.shape[1], l2)], weights)
-    return tuple(float(x) for x in np.r_[w[:1], mean, sd, w[1:]])
-
-
 def anchor_at_sacrum(result: BeamResult, emissions: np.ndarray, gaps: np.ndarray | None,
-                     cfg: BeamConfig, n_candidates: int = SACRUM_CANDIDATES) -> BeamResult:
-    """The decoding re-done with S1 on the top of the sacrum: the most cranial of the lowest
-    ``n_candidates`` bodies whose emission (with the sacrum cue, :func:`sacrum_geometry_logits`)
-    is more sacral than not. The bodies above it are decoded by the beam with that body fixed as
-    S1, the ones below it become S2, S3, ... Unchanged when no candidate is sacral, when the
-    decoding already calls that body S1, or when more than four bodies lie below it.
+                     cfg: BeamConfig, n_candidates: int = 3) -> BeamResult:
+    """A decoding without any sacral level re-done with S1 on the body the evidence calls S1 most
+    clearly: of the lowest ``n_candidates`` bodies, the one with the highest odds of S1 (the
+    emission's sacral column against the rest), when those odds exceed 1. The bodies above it are
+    decoded by the beam with that body fixed as S1, the ones below it become S2, S3, ... Unchanged
+    when the decoding has a sacral level (it found the sacrum: on SPIDER's 52_t1 moving its S1 up
+    to the clearest candidate put S1 on L5), when no candidate is more S1 than not, or when more
+    than four bodies lie below the candidate.
 
     Why: on sites the networks have not seen, the bodies above the sacrum can all read one level
-    off (a shifted count that outvotes a correctly seen sacrum: the sacrum called L5 on two of the
-    five ivd scans), while readers, like SpineNetV2's lumbar setting, count up from S1."""
+    off, a shifted count that outvotes a sacrum the networks did see (the sacrum called L5 on two
+    of the five ivd scans and three of the 54 vb3 scans, leave-one-site-out), while readers, like
+    SpineNetV2's lumbar setting, count up from S1."""
     E = np.asarray(emissions, dtype=np.float64)
     k = min(n_candidates, len(E))
-    sacral = [i for i in range(k) if E[i, 0] > 0.5 * max(float(E[i].sum()), 1e-12)]
-    if not sacral:
+    if k == 0 or any(lab is not None and lab.startswith("S") for lab in result.labels):
         return result
-    top = max(sacral)
-    if result.labels[top] == "S1" or top > 4:
+    odds = [float(E[i, 0]) / max(float(E[i].sum() - E[i, 0]), 1e-12) for i in range(k)]
+    top = int(np.argmax(odds))
+    if odds[top] <= 1.0 or top > 4:
         return result
     # the other bodies keep their floored costs; the anchor cannot be anything but sacral
     forced = np.maximum(E[top:], cfg.emission_floor)
@@ -813,18 +711,6 @@ def duplicate_groups(centres_mm: np.ndarray, spans_mm: np.ndarray, fraction: flo
                 continue
         groups.append([i])
     return groups
-
-
-def vertebra_groups(geoms: Sequence[VertebraGeometry], pixel_spacing_mm: Sequence[float],
-                    fraction: float = 0.4, overlap: float = 0.6) -> tuple[list[list[int]], list[int]]:
-    """:func:`duplicate_groups` of bodies given as geometries (caudal first), weighted by their
-    slice counts, and each group's lead body (the member on the most slices: it gives the span)."""
-    row_mm, col_mm = float(pixel_spacing_mm[0]), float(pixel_spacing_mm[1])
-    centres = np.array([[g.centroid[1] * row_mm, g.centroid[2] * col_mm] for g in geoms]).reshape(-1, 2)
-    spans_mm = np.array([[g.top * row_mm, g.bottom * row_mm] for g in geoms]).reshape(-1, 2)
-    n_sl = np.array([g.slices[1] - g.slices[0] + 1.0 for g in geoms])
-    groups = duplicate_groups(centres, spans_mm, fraction, overlap, n_sl)
-    return groups, [g[int(np.argmax(n_sl[g]))] for g in groups]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -972,11 +858,13 @@ class Labeller:
         probs /= probs.sum(axis=1, keepdims=True)
         row_mm, col_mm = float(pixel_spacing_mm[0]), float(pixel_spacing_mm[1])
         centres = np.array([[g.centroid[1] * row_mm, g.centroid[2] * col_mm] for g in geoms])
-        groups, lead = vertebra_groups(geoms, pixel_spacing_mm, self.duplicate_fraction, self.duplicate_overlap)
-        # one body per group: members weighted by their number of slices
+        spans_mm = np.array([[g.top * row_mm, g.bottom * row_mm] for g in geoms])
         n_sl = np.array([g.slices[1] - g.slices[0] + 1.0 for g in geoms])
+        groups = duplicate_groups(centres, spans_mm, self.duplicate_fraction, self.duplicate_overlap, n_sl)
+        # one body per group: members weighted by their number of slices; the widest gives the span
         wts = [n_sl[g] for g in groups]
         probs_g = np.stack([(probs[g] * w[:, None]).sum(0) / w.sum() for g, w in zip(groups, wts)])
+        lead = [g[int(np.argmax(w))] for g, w in zip(groups, wts)]
         n_rows = int(math.ceil(np.asarray(volume).shape[1] * row_mm / ccfg.mm_per_row))
         spans = [_row_span(geoms[m], row_mm, ccfg.mm_per_row, n_rows) for m in lead]
         P = height_probability_map(probs_g, spans, n_rows, ccfg.pad_multiple)
@@ -987,12 +875,6 @@ class Labeller:
             em = np.stack([Pr[i0:i1].mean(axis=0) for i0, i1 in spans])
             if ccfg.emission == "product":
                 em = em * probs_g
-                em /= em.sum(axis=1, keepdims=True) + 1e-12
-        if self.beam.sacrum_geometry:
-            feats = sacrum_geometry_features([geoms[m] for m in lead], pixel_spacing_mm, np.asarray(volume).shape[1])
-            if len(feats):
-                em = np.array(em, dtype=np.float64)
-                em[:len(feats), 0] *= np.exp(sacrum_geometry_logits(feats, self.beam.sacrum_geometry))
                 em /= em.sum(axis=1, keepdims=True) + 1e-12
         gaps = gap_ratios(centres[lead])
         res_g = beam_search(em, self.beam, gaps)

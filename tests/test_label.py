@@ -19,11 +19,7 @@ from spinecohort.label import (
     anchor_at_sacrum,
     count_from_sacrum,
     fit_probability_calibration,
-    fit_sacrum_geometry,
     extract_appearance_volume,
-    SACRUM_FEATURES,
-    sacrum_geometry_features,
-    sacrum_geometry_logits,
     gap_ratios,
     height_probability_map,
     level_summary,
@@ -398,80 +394,7 @@ def test_recount_keeps_sacral_segments_and_missed_levels_and_needs_an_s1():
 def test_count_from_sacrum_is_shipped_but_not_the_reference_default():
     assert BeamConfig().count_from_sacrum_without_c2 is False  # official family: reference decoding
     assert Labeller.load(APPEARANCE, CONTEXT).beam.count_from_sacrum_without_c2 is True
-
-
-def _column(tilt_lowest_deg=0.0, n=6, height=25.0, depth=35.0, gap=10.0, top=20.0, col=60.0):
-    """Upright rectangular bodies (1 mm pixels, caudal first), the lowest turned by a sacral slope."""
-    geoms = []
-    for k in range(n):
-        r0 = top + (n - 1 - k) * (height + gap)
-        q = np.array([[r0, col], [r0, col + depth], [r0 + height, col + depth], [r0 + height, col]])
-        if k == 0 and tilt_lowest_deg:
-            t = math.radians(tilt_lowest_deg)
-            c = q.mean(axis=0)
-            rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
-            q = (q - c) @ rot.T + c
-        centre = q.mean(axis=0)
-        geoms.append(vertebra_geometry({0: q}, (0.0, centre[0], centre[1])))
-    return geoms
-
-
-def test_sacrum_geometry_features_measure_tilt_gaps_and_room():
-    f = dict(zip(SACRUM_FEATURES, sacrum_geometry_features(_column(), (1.0, 1.0), 400).T))
-    assert np.allclose(f["tilt_deg"], 0, atol=1e-6) and np.allclose(f["endplate_wedge_deg"], 0, atol=1e-6)
-    assert np.allclose(f["height_rel"], 1) and np.allclose(f["height_depth"], 25 / 35)
-    assert np.allclose(f["gap_above_rel"], 1) and list(f["has_below"]) == [0, 1, 1]
-    assert np.allclose(f["gap_below_rel"], [0, 1, 1])
-    assert np.isclose(f["room_below"][0], (400 - (20 + 5 * 35 + 25)) / 25)
-    tilted = dict(zip(SACRUM_FEATURES, sacrum_geometry_features(_column(35.0), (1.0, 1.0), 400).T))
-    assert abs(abs(tilted["tilt_deg"][0]) - 35) < 1e-6 and np.allclose(tilted["tilt_deg"][1:], 0, atol=1e-6)
-    # the same column at 0.5 mm pixels gives the same features (measured in mm)
-    half = [vertebra_geometry({0: np.asarray(g.corners) * 2}, (0.0, 2 * g.centroid[1], 2 * g.centroid[2]))
-            for g in _column(35.0)]
-    assert np.allclose(sacrum_geometry_features(half, (0.5, 0.5), 800), sacrum_geometry_features(_column(35.0), (1.0, 1.0), 400))
-    # fewer than three bodies or a body placed by its centroid alone: no cue
-    assert sacrum_geometry_features(_column(n=2), (1.0, 1.0), 400).shape == (0, len(SACRUM_FEATURES))
-    no_corners = _column()[:1] + [vertebra_geometry(None, (0.0, 100.0, 70.0))] + _column()[2:]
-    assert len(sacrum_geometry_features(no_corners, (1.0, 1.0), 400)) == 0
-
-
-def test_sacrum_cue_is_fitted_from_candidates_and_clipped():
-    rng = np.random.default_rng(0)
-    is_s1 = rng.random(400) < 0.25
-    X = rng.normal(size=(400, len(SACRUM_FEATURES)))
-    X[:, 0] = np.where(is_s1, -37.0, -15.0) + rng.normal(0, 6, 400)   # only the tilt informs
-    cue = fit_sacrum_geometry(X, is_s1)
-    z = sacrum_geometry_logits(X, cue)
-    assert ((z > 0) == is_s1).mean() > 0.9 and np.abs(z).max() <= 4.0
-    weights = np.asarray(cue[1 + 2 * len(SACRUM_FEATURES):])
-    assert abs(weights[0]) > 3 * np.abs(weights[1:]).max()
-    with pytest.raises(ValueError, match="sacrum_geometry needs"):
-        sacrum_geometry_logits(X, cue[:-1])
-    with pytest.raises(ValueError, match="candidates"):
-        fit_sacrum_geometry(X, np.zeros(400, bool))
-
-
-@pytest.mark.skipif(not (APPEARANCE.exists() and CONTEXT.exists()), reason="shipped labeller weights not built yet")
-def test_sacrum_cue_moves_only_the_s1_evidence_of_the_lowest_bodies():
-    from dataclasses import replace
-    from spinecohort.synthetic import generate_scan
-
-    torch.set_num_threads(1)
-    lab = Labeller.load(APPEARANCE, CONTEXT)
-    scan = generate_scan(987654, fov="lumbar", n_slices=9, rows=320)
-    geoms = sorted((vertebra_geometry(v.polygons, v.centroid) for v in scan.vertebrae if v.polygons),
-                   key=lambda g: -g.centroid[1])
-    sp = (scan.pixel_spacing_mm,) * 2
-    lab.beam = replace(lab.beam, sacrum_geometry=())
-    _, plain = lab.label_geometries(scan.volume, sp, geoms)
-    n = len(SACRUM_FEATURES)
-    lab.beam = replace(lab.beam, sacrum_geometry=(2.0,) + (0.0,) * n + (1.0,) * n + (0.0,) * n)
-    _, cued = lab.label_geometries(scan.volume, sp, geoms)
-    e0, e1 = plain["emissions"], cued["emissions"]
-    odds = (e1[:3, 0] / e1[:3, 1:].sum(1)) / (e0[:3, 0] / e0[:3, 1:].sum(1))
-    assert np.allclose(odds, math.exp(2.0), rtol=1e-4)
-    assert np.allclose(e1[:3, 1:] / e1[:3, 1:].sum(1, keepdims=True), e0[:3, 1:] / e0[:3, 1:].sum(1, keepdims=True))
-    assert np.allclose(e1[3:], e0[3:])
+    assert BeamConfig().anchor_at_sacrum is False and Labeller.load(APPEARANCE, CONTEXT).beam.anchor_at_sacrum is True
 
 
 def test_anchor_at_sacrum_counts_up_from_a_sacral_lowest_body():
@@ -488,11 +411,12 @@ def test_anchor_at_sacrum_counts_up_from_a_sacral_lowest_body():
     assert len(anchored.hypotheses[0][1]) == 6 and all(0 <= p <= 1 for p in anchored.probabilities)
     flags = level_summary(anchored, recounted=True).flags
     assert "recounted_from_sacrum" in flags and "recounted_from_sacrum" in LEVEL_FLAGS
-    # the top of the sacrum is the most cranial sacral candidate; the bodies below become S2, S3
-    E2 = np.vstack([emissions(["S1", "S1"]), E])
-    gaps2 = gap_ratios(centres([38] * 7))
-    res2 = beam_search(E2, gaps=gaps2)
-    assert anchor_at_sacrum(res2, E2, gaps2, BeamConfig()).labels == ["S3", "S2", "S1", "L5", "L4", "L3", "L2", "L1"]
+    gaps2 = gap_ratios(centres([30] + [38] * 5))
+    # a decoding that found a sacrum keeps it, even where a higher body looks more like S1
+    E3 = np.vstack([emissions(["S1"]), E])
+    E3[1, LEVEL_INDEX["S1"]], E3[1, LEVEL_INDEX["L5"]] = 0.95, 0.05
+    res3 = beam_search(E3, gaps=gaps2)
+    assert res3.labels[0] == "S1" and anchor_at_sacrum(res3, E3, gaps2, BeamConfig()) is res3
     # no sacral candidate, or S1 already on it: unchanged
     lumbar = beam_search(emissions(["L5", "L4", "L3", "L2"]))
     assert anchor_at_sacrum(lumbar, emissions(["L5", "L4", "L3", "L2"]), None, BeamConfig()) is lumbar

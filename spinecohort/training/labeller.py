@@ -68,14 +68,10 @@ from ..label import (
     build_appearance_net,
     build_context_net,
     extract_appearance_volume,
-    fit_sacrum_geometry,
     height_probability_map,
-    sacrum_geometry_features,
     save_labeller_checkpoint,
     vertebra_geometry,
-    vertebra_groups,
 )
-from ..label import SACRUM_FEATURES
 from ..shipped import default_model_path
 from ..tasks import LEVEL_INDEX, LEVELS
 
@@ -83,7 +79,6 @@ __all__ = [
     "DEFAULT_CACHE",
     "prepare_synthetic",
     "public_lumbar_items",
-    "sacrum_geometry_items",
     "train_appearance",
     "train_context",
     "main",
@@ -98,8 +93,11 @@ DEFAULT_CACHE = Path("/tmp/spinecohort-labeller-cache")
 #: sacral segments at 10-16 nats scored alike, 12 taken (models/context-cpu-v3.md). The logistic
 #: map of level_probability was fitted the same way (``spinecohort.evaluation.labelling --calibrate-from``).
 #: Without C2 in view a transitional decoding is re-counted from the sacrum (label.count_from_sacrum):
-#: on SPIDER's lumbar slices the labeller otherwise put an L6 above the sacrum in 8 % of series.
-SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 12.0, "probability_calibration": (3.2094, -1.7907, 0.0627),
+#: on SPIDER's lumbar slices the labeller otherwise put an L6 above the sacrum in 8 % of series; and
+#: a decoding that outvotes the body the networks call S1 most clearly is re-decoded up from it
+#: (label.anchor_at_sacrum; chosen over the most cranial sacral body on the held-out sites' training
+#: cases: models/context-cpu-v3.md).
+SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 12.0, "probability_calibration": (3.4289, -1.5276, 0.0212),
                 "count_from_sacrum_without_c2": True, "anchor_at_sacrum": True}
 DEFAULT_APPEARANCE = default_model_path("appearance")
 DEFAULT_CONTEXT = default_model_path("context")
@@ -293,52 +291,6 @@ def public_lumbar_detector_items(detector, split: str = "train", k_jitter: int =
         out.append(items)
     log(f"public-lumbar {split} via the detector: {len(out)} cases, {n_extra} S1 / upper-neighbour bodies added")
     return out
-
-
-def sacrum_geometry_items(detector, split: str = "train", root=None, log=print,
-                          exclude_sources: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """Features (:func:`spinecohort.label.sacrum_geometry_features`) of the caudal-most detected
-    bodies of public-lumbar cases, as the labeller computes them (one body per duplicate group),
-    and whether each is S1: the next body below the detection matched to the annotated L5 (S1 lies
-    directly below L5 on every case; the README of the data). Cases whose L5 is not detected are
-    skipped."""
-    from ..evaluation.labelling import gt_from_polys, match_bodies
-    from ..publiclumbar import list_cases, load_case
-
-    X, y, n_cases = [], [], 0
-    for ref in list_cases(root, split=split):
-        if ref.source in exclude_sources:
-            continue
-        case = load_case(ref)
-        sp = case.pixel_spacing_mm
-        l5 = [gt_from_polys(v.level, v.polygons, v.centroid, sp) for v in case.vertebrae
-              if v.polygons and v.level == "L5"]
-        dets = sorted(detector.detect(case.volume, sp), key=lambda d: (-d.centroid[1], d.centroid[2]))
-        geoms = [vertebra_geometry(d.polygons, d.centroid) for d in dets]
-        if not l5 or not geoms:
-            continue
-        _, lead = vertebra_groups(geoms, sp)
-        lead_geoms = [geoms[m] for m in lead]
-        centres = np.array([[g.centroid[1] * sp[0], g.centroid[2] * sp[1]] for g in lead_geoms])
-        j5 = match_bodies(l5, centres).get(0)
-        feats = sacrum_geometry_features(lead_geoms, sp, case.volume.shape[1])
-        if j5 is None or not len(feats):
-            continue
-        X.extend(feats)
-        y.extend(float(i == j5 - 1) for i in range(len(feats)))  # caudal first: the next body below L5 is S1
-        n_cases += 1
-    log(f"sacrum cue, public-lumbar {split}: {n_cases} cases, {len(y)} candidate bodies, {int(sum(y))} S1")
-    return np.asarray(X, dtype=np.float64).reshape(-1, len(SACRUM_FEATURES)), np.asarray(y)
-
-
-def fit_sacrum_cue(detector, root=None, exclude_sources: Sequence[str] = (), log=print) -> tuple[float, ...]:
-    """:attr:`BeamConfig.sacrum_geometry` fitted on the public-lumbar TRAINING cases (without
-    ``exclude_sources``) through ``detector``."""
-    X, y = sacrum_geometry_items(detector, "train", root, log, exclude_sources)
-    cue = fit_sacrum_geometry(X, y)
-    n = len(SACRUM_FEATURES)
-    log("sacrum cue weights (standardised): " + ", ".join(f"{k} {w:+.2f}" for k, w in zip(SACRUM_FEATURES, cue[1 + 2 * n:])))
-    return cue
 
 
 def _only_levels(items: dict, levels: Sequence[str] | None) -> dict:
@@ -697,9 +649,8 @@ def heldout_logits(net, syn: list[dict]) -> tuple[dict[int, np.ndarray], dict[in
 # ---------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="spinecohort train labeller", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", choices=["prepare", "appearance", "context", "all", "beam", "sacrum"], default="all",
-                   help="beam: only rewrite the beam-search penalties stored in --context-out; sacrum: only "
-                        "(re)fit the geometric sacrum cue stored there")
+    p.add_argument("--stage", choices=["prepare", "appearance", "context", "all", "beam"], default="all",
+                   help="beam: only rewrite the beam-search penalties stored in --context-out")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--n-synthetic", type=int, default=400)
     p.add_argument("--k-jitter", type=int, default=3)
@@ -737,10 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="without C2 in view, re-count a decoding with L6 / T13 / four lumbar from the sacrum")
     p.add_argument("--anchor-at-sacrum", action=argparse.BooleanOptionalAction,
                    default=SHIPPED_BEAM["anchor_at_sacrum"],
-                   help="without C2 in view, count up from the body the evidence and the sacrum cue call S1")
-    p.add_argument("--sacrum-cue", action=argparse.BooleanOptionalAction, default=True,
-                   help="fit the geometric sacrum cue (label.sacrum_geometry_features) on the public-lumbar "
-                        "training cases through --detector and store it with the context net")
+                   help="without C2 in view, count up from the lowest body the networks call S1 most clearly "
+                        "when the decoding does not")
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     beam = replace(BeamConfig(), six_lumbar_penalty=args.variant_penalty, t13_penalty=args.variant_penalty,
@@ -748,21 +697,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    sacral_penalty=args.sacral_penalty,
                    probability_calibration=tuple(args.probability_calibration),
                    count_from_sacrum_without_c2=args.count_from_sacrum, anchor_at_sacrum=args.anchor_at_sacrum)
-    if args.stage in ("beam", "sacrum"):
+    if args.stage == "beam":
         from ..label import CONTEXT_FORMAT, load_labeller_net
 
         cnet, ccfg, cmeta = load_labeller_net(args.context_out, CONTEXT_FORMAT, ContextConfig, build_context_net)
-        stored = BeamConfig.from_dict(cmeta.get("beam", {}))
-        if args.stage == "beam":  # the penalties from the command line; the fitted cue stays
-            cmeta["beam"] = replace(beam, sacrum_geometry=stored.sacrum_geometry).to_dict()
-            cmeta["beam_argv"] = list(argv if argv is not None else sys.argv[1:])
-        else:
-            from ..detect import Detector
-
-            torch.set_num_threads(max(1, args.threads))
-            cue = fit_sacrum_cue(Detector.load(args.detector), args.public_lumbar, tuple(args.exclude_source), print)
-            cmeta["beam"] = replace(stored, sacrum_geometry=cue, anchor_at_sacrum=args.anchor_at_sacrum).to_dict()
-            cmeta["sacrum_argv"] = list(argv if argv is not None else sys.argv[1:])
+        cmeta["beam"] = beam.to_dict()
+        cmeta["beam_argv"] = list(argv if argv is not None else sys.argv[1:])
         save_labeller_checkpoint(args.context_out, cnet, ccfg, cmeta)
         print(f"beam settings of {args.context_out}: {json.dumps(cmeta['beam'])}")
         return 0
@@ -842,12 +782,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.time()
         cnet = train_context(sampler, steps=args.context_steps, seed=args.seed, cfg=ccfg, log=log,
                              minutes=args.minutes)
-        if args.sacrum_cue and detector is not None:
-            try:
-                beam = replace(beam, sacrum_geometry=fit_sacrum_cue(detector, args.public_lumbar,
-                                                                    tuple(args.exclude_source), log))
-            except FileNotFoundError as e:
-                log(f"public-lumbar not available ({e}); no sacrum cue")
         meta = {"recipe": "spinecohort.training.labeller", "argv": list(argv if argv is not None else sys.argv[1:]),
                 "seed": args.seed, "steps": args.context_steps, "train_seconds": round(time.time() - t0, 1),
                 "beam": beam.to_dict()}
