@@ -161,9 +161,9 @@ class BeamConfig(StoredConfig):
     # level_probability = sigmoid(a + b * scan flagged + c * logit(raw probability)), (a, b, c)
     # fitted on leave-one-site-out labellings; () reports the raw probability
     probability_calibration: tuple[float, ...] = ()
-    # without C2 in view, a decoding that does not put S1 on the lowest body whose evidence is
-    # clearly S1 is re-decoded from that body up (anchor_at_sacrum); off by default: the official
-    # family keeps the reference decoding
+    # without C2 in view, a decoding with no sacral level is re-counted up from the lowest body
+    # whose evidence is more S1 than not (anchor_at_sacrum); off by default: the official family
+    # keeps the reference decoding
     anchor_at_sacrum: bool = False
 
 
@@ -597,40 +597,43 @@ def fit_probability_calibration(raw: Sequence[float], flagged: Sequence[bool], c
 
 
 def anchor_at_sacrum(result: BeamResult, emissions: np.ndarray, gaps: np.ndarray | None,
-                     cfg: BeamConfig, n_candidates: int = 3) -> BeamResult:
-    """A decoding without any sacral level re-done with S1 on the body the evidence calls S1 most
+                     n_candidates: int = 3) -> BeamResult:
+    """A decoding without any sacral level re-counted from the body the evidence calls S1 most
     clearly: of the lowest ``n_candidates`` bodies, the one with the highest odds of S1 (the
-    emission's sacral column against the rest), when those odds exceed 1. The bodies above it are
-    decoded by the beam with that body fixed as S1, the ones below it become S2, S3, ... Unchanged
-    when the decoding has a sacral level (it found the sacrum: on SPIDER's 52_t1 moving its S1 up
-    to the clearest candidate put S1 on L5), when no candidate is more S1 than not, or when more
-    than four bodies lie below the candidate.
+    emission's sacral column against the rest), when those odds exceed 1. That body becomes S1, the
+    ones below it S2, S3, ..., and each body above it the next standard level up, one more for
+    every body missed where the gap to the body below is a multiple of the usual spacing (``gaps``,
+    :func:`gap_ratios`, rounded). Unchanged when the decoding has a sacral level (it found the
+    sacrum: on SPIDER's 52_t1 moving its S1 up to the clearest candidate put S1 on L5), when no
+    candidate is more S1 than not, or when the count runs past the chain.
 
     Why: on sites the networks have not seen, the bodies above the sacrum can all read one level
     off, a shifted count that outvotes a sacrum the networks did see (the sacrum called L5 on two
     of the five ivd scans and three of the 54 vb3 scans, leave-one-site-out), while readers, like
-    SpineNetV2's lumbar setting, count up from S1."""
+    SpineNetV2's lumbar setting, count up from S1; the bodies above are counted rather than decoded
+    again, because their evidence is what disagrees. Each re-counted body gets its local evidence
+    (emission) for its new level as probability; the decoding's hypotheses are kept, so the scan's
+    ``level_confidence`` stays the networks' (low) posterior of the re-count.""" 
     E = np.asarray(emissions, dtype=np.float64)
     k = min(n_candidates, len(E))
-    if k == 0 or any(lab is not None and lab.startswith("S") for lab in result.labels):
+    if k == 0 or len(result.labels) != len(E) or any(lab is not None and lab.startswith("S") for lab in result.labels):
         return result
     odds = [float(E[i, 0]) / max(float(E[i].sum() - E[i, 0]), 1e-12) for i in range(k)]
     top = int(np.argmax(odds))
-    if odds[top] <= 1.0 or top > 4:
-        return result
-    # the other bodies keep their floored costs; the anchor cannot be anything but sacral
-    forced = np.maximum(E[top:], cfg.emission_floor)
-    forced[0] = 1e-300
-    forced[0, 0] = 1.0
-    upper = beam_search(forced, replace(cfg, emission_floor=1e-300), None if gaps is None else np.asarray(gaps)[top:])
-    if upper.labels[0] != "S1":
-        return result
     s1 = _CHAIN_NAMES.index("S1")
-    below = [s1 - (top - j) for j in range(top)]  # caudal first: ..., S3, S2
-    names = [_CHAIN_NAMES[p] for p in below] + list(upper.labels)
-    evidence = [float(E[j, 0] / max(float(E[j].sum()), 1e-12)) for j in range(top)]
-    hyps = [(c, tuple(below) + tuple(seq)) for c, seq in upper.hypotheses]
-    return BeamResult(names, below + list(upper.positions), evidence + list(upper.probabilities), upper.cost, hyps)
+    if odds[top] <= 1.0 or top > s1:
+        return result
+    positions = [s1 - (top - j) for j in range(top)] + [s1]  # caudal first: ..., S2, S1
+    for i in range(top + 1, len(E)):
+        ratio = float(gaps[i - 1]) if gaps is not None and np.isfinite(gaps[i - 1]) else 1.0
+        rank = _STANDARD.index(positions[-1]) + max(1, int(round(ratio)))
+        if rank >= len(_STANDARD):
+            return result
+        positions.append(_STANDARD[rank])
+    names = [_CHAIN_NAMES[p] for p in positions]
+    evidence = [float(E[i, _CHAIN_COL[p]] / max(float(E[i].sum()), 1e-12)) for i, p in enumerate(positions)]
+    # the first decoding's hypotheses stay: the networks' posterior of the re-count is low, and says so
+    return BeamResult(names, positions, evidence, result.cost, result.hypotheses)
 
 
 def hypotheses_agreeing(result: BeamResult) -> tuple[np.ndarray, np.ndarray]:
@@ -880,7 +883,7 @@ class Labeller:
         res_g = beam_search(em, self.beam, gaps)
         recounted = False
         if self.beam.anchor_at_sacrum and "C2" not in res_g.labels:
-            anchored = anchor_at_sacrum(res_g, em, gaps, self.beam)
+            anchored = anchor_at_sacrum(res_g, em, gaps)
             recounted = anchored.labels != res_g.labels
             res_g = anchored
         if self.beam.count_from_sacrum_without_c2 and "C2" not in res_g.labels:
