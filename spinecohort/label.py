@@ -29,7 +29,11 @@ cols front -> back, slices in any lateral order), the stage names every body S1,
    becomes ``S2`` (it emits like S1, ``s2_penalty``), and further sacral segments detected below
    it ``S3``, ``S4``, ``S5`` (``sacral_penalty`` each; detectors do find the fused sacral segments);
    a second C2 above C2 becomes ``C1`` (``c1_penalty``) -- in the 24-class order C2 is the top
-   class, so the issue's "second C3 -> C2" reads "second C2 -> C1" here. Detections of one body
+   class, so the issue's "second C3 -> C2" reads "second C2 -> C1" here. Without C2 in view the
+   shipped settings count from the sacrum, as readers of lumbar series do: a decoding with no
+   sacral level whose lowest bodies hold one more S1 than not is re-counted up from it
+   (:func:`anchor_at_sacrum`), and a transitional count is re-counted from its S1
+   (:func:`count_from_sacrum`). Detections of one body
    (centres closer than 0.4 x its height, or vertical extents overlapping by > 60 %: a second
    detection on a few lateral slices, a sacral ala) are merged first (appearance weighted by
    their slice counts) and share one label.
@@ -613,7 +617,7 @@ def anchor_at_sacrum(result: BeamResult, emissions: np.ndarray, gaps: np.ndarray
     SpineNetV2's lumbar setting, count up from S1; the bodies above are counted rather than decoded
     again, because their evidence is what disagrees. Each re-counted body gets its local evidence
     (emission) for its new level as probability; the decoding's hypotheses are kept, so the scan's
-    ``level_confidence`` stays the networks' (low) posterior of the re-count.""" 
+    ``level_confidence`` stays the networks' (low) posterior of the re-count."""
     E = np.asarray(emissions, dtype=np.float64)
     k = min(n_candidates, len(E))
     if k == 0 or len(result.labels) != len(E) or any(lab is not None and lab.startswith("S") for lab in result.labels):

@@ -94,9 +94,9 @@ DEFAULT_CACHE = Path("/tmp/spinecohort-labeller-cache")
 #: map of level_probability was fitted the same way (``spinecohort.evaluation.labelling --calibrate-from``).
 #: Without C2 in view a transitional decoding is re-counted from the sacrum (label.count_from_sacrum):
 #: on SPIDER's lumbar slices the labeller otherwise put an L6 above the sacrum in 8 % of series; and
-#: a decoding that outvotes the body the networks call S1 most clearly is re-decoded up from it
-#: (label.anchor_at_sacrum; chosen over the most cranial sacral body on the held-out sites' training
-#: cases: models/context-cpu-v3.md).
+#: a decoding with no sacral level is re-counted up from the lowest body the networks call S1 more
+#: than not (label.anchor_at_sacrum; the clearest such body rather than the most cranial, chosen on
+#: the held-out sites' training cases: models/context-cpu-v3.md).
 SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 12.0, "probability_calibration": (3.4289, -1.5276, 0.0212),
                 "count_from_sacrum_without_c2": True, "anchor_at_sacrum": True}
 DEFAULT_APPEARANCE = default_model_path("appearance")
