@@ -230,17 +230,6 @@ def load_synthetic_cache(cache: Path, n: int, start: int = 0, grid: Sequence[int
     return out
 
 
-def _tight_copy(vol, sp, bodies, cut_range: tuple[float, float], rng, cfg: AppearanceConfig, k_jitter: int,
-                levels: Sequence[str] | None = None) -> dict:
-    """Items of the scan cut at a row drawn from ``cut_range`` (rows): the image ends there, as in a
-    tightly framed series; bodies whose top lies within 3 rows of the cut or below it are dropped."""
-    cut = min(int(rng.uniform(*cut_range)), vol.shape[1])
-    kept = [b for b in bodies if min(np.asarray(q)[:, 0].min() for q in b[1].values()) < cut - 3]
-    items = _only_levels(_scan_items(vol[:, :cut], sp, kept, rng, cfg, k_jitter, strength=0.5), levels)
-    items["height_mm"] = cut * sp[0]
-    return items
-
-
 def public_lumbar_items(split: str = "train", k_jitter: int = 6, cfg: AppearanceConfig | None = None,
                         seed: int = 0, root=None, exclude_sources: Sequence[str] = ()) -> list[dict]:
     """Appearance items of the public-lumbar cases of one split (annotated bodies only), without
@@ -266,17 +255,12 @@ def public_lumbar_items(split: str = "train", k_jitter: int = 6, cfg: Appearance
 
 def public_lumbar_detector_items(detector, split: str = "train", k_jitter: int = 6,
                                  cfg: AppearanceConfig | None = None, seed: int = 0, root=None,
-                                 log=print, exclude_sources: Sequence[str] = (),
-                                 tight_share: float = 0.0) -> list[dict]:
+                                 log=print, exclude_sources: Sequence[str] = ()) -> list[dict]:
     """Appearance items of public-lumbar cases from the detector's output: detections matched to
     an annotated body take its level (and keep the detector's polygons), and the visible but
     unannotated neighbours the detector finds right below / above the annotated span
     (:func:`spinecohort.publiclumbar.neighbour_bodies`: S1 below L5, T12 above L1, T10 above T11)
-    are supervised with their level. Other detections are not used.
-
-    A ``tight_share`` of the cases is added a second time cut between L5's inferior endplate and
-    30 % down S1 (the sacrum out of view, as in a tightly framed series whose detector finds no
-    S1), so that a lowest body at the image edge is not learnt to be S1."""
+    are supervised with their level. Other detections are not used."""
     from ..evaluation.labelling import gt_from_polys, match_bodies
     from ..publiclumbar import list_cases, load_case, neighbour_bodies
 
@@ -305,20 +289,6 @@ def public_lumbar_detector_items(detector, split: str = "train", k_jitter: int =
         items = _scan_items(case.volume, sp, verts, rng, cfg, k_jitter, strength=0.5)
         items.update(seed=-1, fov="public-lumbar", name=ref.name, height_mm=case.volume.shape[1] * sp[0])
         out.append(items)
-        l5 = [v for v in verts if v[0] == "L5"]
-        if tight_share > 0 and l5 and rng.random() < tight_share:
-            def rows(v):
-                return np.concatenate([np.asarray(q)[:, 0] for q in v[1].values()])
-            l5_bottom = float(np.median([np.asarray(q)[2:, 0].mean() for q in l5[0][1].values()]))
-            s1 = [v for v in verts if v[0] == "S1"]
-            if s1:
-                top, bottom = float(rows(s1[0]).min()), float(rows(s1[0]).max())
-                stop = top + 0.3 * (bottom - top)
-            else:
-                stop = l5_bottom + 0.3 * float(np.ptp(rows(l5[0])))
-            items = _tight_copy(case.volume, sp, verts, (l5_bottom, max(stop, l5_bottom + 1.0)), rng, cfg, k_jitter)
-            items.update(seed=-1, fov="public-lumbar-tight", name=f"{ref.name}-tight")
-            out.append(items)
     log(f"public-lumbar {split} via the detector: {len(out)} cases, {n_extra} S1 / upper-neighbour bodies added")
     return out
 
@@ -379,9 +349,11 @@ def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: Appeara
             s1_rows = np.concatenate([np.asarray(q)[:, 0] for lvl, d in zip(names, dets) if lvl == "S1"
                                       for q in d.polygons.values()])
             top, bottom = float(s1_rows.min()), float(s1_rows.max())
-            items = _tight_copy(vol, sp, bodies, (top + 0.3 * (bottom - top), bottom + 0.5 * (bottom - top)),
-                                rng, cfg, k_jitter, levels)
-            items.update(seed=-1, fov="spider-tight", name=f"{r.series}-tight")
+            cut = int(rng.uniform(top + 0.3 * (bottom - top), bottom + 0.5 * (bottom - top)))
+            cut = min(cut, vol.shape[1])
+            kept = [b for b in bodies if min(np.asarray(q)[:, 0].min() for q in b[1].values()) < cut - 3]
+            items = _only_levels(_scan_items(vol[:, :cut], sp, kept, rng, cfg, k_jitter, strength=0.5), levels)
+            items.update(seed=-1, fov="spider-tight", name=f"{r.series}-tight", height_mm=cut * sp[0])
             out.append(items)
     n_tight = sum(it["fov"] == "spider-tight" for it in out)
     log(f"SPIDER pseudo-labelled by the teacher: {len(out) - n_tight} series kept (+{n_tight} cut tightly), "
@@ -701,8 +673,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="labeller whose confident SPIDER decodings supervise (leave-one-site-out: the fold's own)")
     p.add_argument("--spider-levels", nargs="+", default=None, metavar="LEVEL",
                    help="SPIDER bodies the appearance net learns from (default all; the context net sees all)")
-    p.add_argument("--public-tight-share", type=float, default=0.0,
-                   help="share of public-lumbar training cases added again cut just below L5 (sacrum out of view)")
     p.add_argument("--exclude-source", action="append", default=[],
                    help="leave this public-lumbar site (vb2, vb3, ivd) out of training; repeatable "
                         "(leave-one-site-out evaluation)")
@@ -768,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pub_val = public_lumbar_items("val", 1, acfg, args.seed, args.public_lumbar, excl)
             if detector is not None:
                 pub_det = public_lumbar_detector_items(detector, "train", 4, acfg, args.seed, args.public_lumbar,
-                                                       log, excl, args.public_tight_share)
+                                                       log, excl)
         except FileNotFoundError as e:
             log(f"public-lumbar not available ({e}); synthetic only")
         t0 = time.time()
@@ -801,8 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:  # public-lumbar training geometry (annotated bodies, + S1/T12 via the detector)
             if detector is not None:
                 geos += pub_det or public_lumbar_detector_items(detector, "train", 1, acfg, args.seed,
-                                                                args.public_lumbar, log, tuple(args.exclude_source),
-                                                                args.public_tight_share)
+                                                                args.public_lumbar, log, tuple(args.exclude_source))
             else:
                 geos += public_lumbar_items("train", 1, acfg, args.seed, args.public_lumbar,
                                             tuple(args.exclude_source))
