@@ -21,12 +21,12 @@ import numpy as np
 import pandas as pd
 
 from spinecohort.stats import compute_agreement
-from spinecohort.tasks import DEFAULT_GRADED_DISCS, TASKS
+from spinecohort.tasks import LUMBAR_DISCS, TASKS
 
 
 def synthetic(n_discs: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     rng = np.random.default_rng(seed)
-    levels = np.array(DEFAULT_GRADED_DISCS)
+    levels = np.array(LUMBAR_DISCS)
     n_subj = -(-n_discs // len(levels))
     subj = np.repeat(np.arange(n_subj), len(levels))[:n_discs]
     base = pd.DataFrame({

@@ -208,6 +208,8 @@ class ExtractDiscsStage(Stage):
                 "grading_slices": int(sum(s >= 0 for s in ivv.slices)),
                 # L5-S1 placed below L5 because the sacrum was not detected (discs.estimated_s1)
                 "lower_vertebra_estimated": bool(ivv.lower_estimated),
+                # the disc above the topmost labelled body, its upper body placed (discs.estimated_upper)
+                "upper_vertebra_estimated": bool(ivv.upper_estimated),
             })
         return pd.DataFrame(records)
 

@@ -63,4 +63,9 @@ def disc_levels() -> tuple[str, ...]:
     return tuple(disc_name(LEVELS[i + 1], LEVELS[i]) for i in range(len(LEVELS) - 1))
 
 
-DEFAULT_GRADED_DISCS = ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
+#: The discs of a lumbar study.
+LUMBAR_DISCS = ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
+#: The pipeline's default ``graded_discs``: the lumbar discs and the lower thoracic ones readers of
+#: lumbar series also grade where in view (SPIDER's readers grade up to T9-T10; a reader-graded disc
+#: that the pipeline does not grade counts as missing in the agreement table).
+DEFAULT_GRADED_DISCS = ("T9-T10", "T10-T11", "T11-T12") + LUMBAR_DISCS

@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from spinecohort.discs import (IVV_SHAPE, extract_ivv, extract_ivvs, load_ivvs, polygon_mask, save_ivvs,
-                               vertebrae_from_synthetic)
+from spinecohort.discs import (IVV_SHAPE, estimated_upper, extract_ivv, extract_ivvs, load_ivvs, polygon_mask,
+                               save_ivvs, vertebrae_from_synthetic)
+from spinecohort.tasks import LUMBAR_DISCS
 
 
 def _rot(v, ang):
@@ -176,17 +177,45 @@ def test_centre_round_trip_to_source_grid():
 def test_extract_ivvs_levels_and_unlabelled():
     vol, sp, verts = tilted_pair(8.0)
     extra = dict(verts[1], level=None, vertebra_id=2)
-    assert [v.level for v in extract_ivvs(vol, sp, verts + [extra], levels=("L4-L5", "L3-L4"))] == ["L4-L5"]
-    assert extract_ivvs(vol, sp, verts, levels=("L3-L4",)) == []  # L3 is not labelled
+    # the unlabelled detection is not used: L3-L4's upper body is only estimated above L4
+    ivvs = extract_ivvs(vol, sp, verts + [extra], levels=("L4-L5", "L3-L4"))
+    assert [v.level for v in ivvs] == ["L4-L5", "L3-L4"] and ivvs[1].upper_estimated and ivvs[1].upper_id is None
+    assert extract_ivvs(vol, sp, verts, levels=("L2-L3",)) == []  # neither body labelled
     ivv = extract_ivvs(vol, sp, verts, levels=("L4-L5",))[0]
-    assert (ivv.upper_id, ivv.lower_id) == (1, 0)
+    assert (ivv.upper_id, ivv.lower_id) == (1, 0) and not ivv.upper_estimated
+
+
+def test_disc_above_the_topmost_body_is_placed_when_in_view():
+    angle = 15.0
+    vol, sp, verts = tilted_pair(angle_deg=angle)  # L4 above L5, 24 mm bodies, 8 mm disc
+    ivvs = {v.level: v for v in extract_ivvs(vol, sp, verts, levels=("L3-L4", "L4-L5"))}
+    l34, l45 = ivvs["L3-L4"], ivvs["L4-L5"]
+    assert l34.upper_estimated and not l34.lower_estimated and not l45.upper_estimated
+    # L3 one body plus one disc (L4-L5's, 8 mm) above L4 along L4's axis: the disc centre lies 16 mm
+    # above L4's centroid (the pair's centre is (80, 80) mm, L4 16 mm above it)
+    a = math.radians(angle)
+    e_v = np.array([math.cos(a), -math.sin(a)])
+    np.testing.assert_allclose(np.asarray(l34.centre[1:]) * np.asarray(sp), np.array([80.0, 80.0]) - 32.0 * e_v,
+                               atol=0.3)
+    assert math.isclose(l34.angle_rad, l45.angle_rad, abs_tol=1e-6)  # parallel to L4's superior endplate
+    # the intensity scale is L4's alone
+    window, inside = polygon_mask(verts[1]["polygons"][3], vol.shape[1:])
+    assert l34.medians[4] == pytest.approx(float(np.median(vol[3][window][inside])))
+    # out of the image (a series ending just above L4) or above a transitional count: nothing
+    l4_top_row = min(p[:, 0].min() for p in verts[1]["polygons"].values())
+    assert estimated_upper(vol.shape, sp, verts[1], "L3", verts[0]) is not None
+    shifted = [dict(v, polygons={k: p - [l4_top_row - 3, 0] for k, p in v["polygons"].items()},
+                    centroid=np.subtract(v["centroid"], [0, l4_top_row - 3, 0])) for v in verts]
+    assert [v.level for v in extract_ivvs(vol, sp, shifted, levels=("L3-L4", "L4-L5"))] == ["L4-L5"]
+    six = [dict(verts[0], level="L6"), dict(verts[1], level="L5")]
+    assert [v.level for v in extract_ivvs(vol, sp, six, levels=("L4-L5", "L5-L6"))] == []
 
 
 def test_synthetic_scan_and_storage(tmp_path):
     from spinecohort.synthetic import generate_scan
 
     scan = generate_scan(3, fov="lumbar", n_slices=9, rows=224)
-    ivvs = extract_ivvs(scan.volume, scan.pixel_spacing_mm, vertebrae_from_synthetic(scan))
+    ivvs = extract_ivvs(scan.volume, scan.pixel_spacing_mm, vertebrae_from_synthetic(scan), levels=LUMBAR_DISCS)
     assert [v.level for v in ivvs] == ["L5-S1", "L4-L5", "L3-L4", "L2-L3", "L1-L2", "T12-L1"]
     truth = {d.level: d.centre for d in scan.discs}
     for v in ivvs:

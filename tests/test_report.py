@@ -14,7 +14,7 @@ import pytest
 from spinecohort.provenance import make_provenance
 from spinecohort.report import fmt, fmt_ci, render_report
 from spinecohort.stats import compute_agreement
-from spinecohort.tasks import CCS_BINARY, DEFAULT_GRADED_DISCS
+from spinecohort.tasks import CCS_BINARY, LUMBAR_DISCS
 
 TASKS = ["Pfirrmann", "CentralCanalStenosis", "Herniation"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -26,7 +26,7 @@ def _tables(n_subjects=30, seed=0):
     rng = np.random.default_rng(seed)
     rows = []
     for s in range(n_subjects):
-        for lv in DEFAULT_GRADED_DISCS[2:]:
+        for lv in LUMBAR_DISCS[2:]:
             rows.append({"scan_id": f"scan{s:03d}", "subject_id": f"sub{s:03d}",
                          "site": "AB"[s % 2], "level": lv})
     base = pd.DataFrame(rows)

@@ -18,7 +18,7 @@ from spinecohort import stats
 from spinecohort.stats import (AGREEMENT_COLUMNS, CONFUSION_COLUMNS, agreement_cli,
                                ccc_fisher_z_ci, compute_agreement, confusion_metrics, kappa_se,
                                primary_rows, run_agreement)
-from spinecohort.tasks import CCS_BINARY, DEFAULT_GRADED_DISCS, TASK_BY_NAME, TASKS
+from spinecohort.tasks import CCS_BINARY, LUMBAR_DISCS, TASK_BY_NAME, TASKS
 
 # scikit-learn warns about single-class inputs the edge-case tests create on purpose
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:sklearn.metrics._classification")
@@ -38,7 +38,7 @@ def synthetic(n_subjects=400, seed=1, readers=("R1", "R2"), p_model=0.25, p_read
     cells, so pairwise deletion and the missing-model counts are exercised.
     """
     rng = np.random.default_rng(seed)
-    levels = list(DEFAULT_GRADED_DISCS)
+    levels = list(LUMBAR_DISCS)
     subj = np.repeat(np.arange(n_subjects), len(levels))
     base = pd.DataFrame({
         "scan_id": [f"scan{s:04d}" for s in subj],
@@ -110,7 +110,7 @@ def test_tables_follow_the_contract(cohort):
     assert tuple(agreement.columns) == AGREEMENT_COLUMNS
     assert tuple(confusion.columns) == CONFUSION_COLUMNS
     assert set(agreement.comparison) == {"model_vs_R1", "model_vs_R2", "R1_vs_R2"}
-    assert set(agreement.level) == {"all", *DEFAULT_GRADED_DISCS}
+    assert set(agreement.level) == {"all", *LUMBAR_DISCS}
     assert set(agreement.site) == {"all", "A", "B", "C"}
     assert set(agreement.task) == {t.name for t in TASKS} | {CCS_BINARY}
     key = ["comparison", "task", "level", "site", "metric", "ci_method"]
@@ -277,7 +277,7 @@ def test_bootstrap_resamples_subjects_not_discs():
     model = np.where(rng.random(n) < 0.2, 1 - truth, truth)
     rows = []
     for i in range(n):
-        for lv in DEFAULT_GRADED_DISCS:
+        for lv in LUMBAR_DISCS:
             rows.append({"scan_id": f"s{i}", "level": lv, "Herniation": truth[i],
                          "model": model[i]})
     df = pd.DataFrame(rows)
@@ -406,7 +406,7 @@ def test_compute_agreement_never_crashes_and_matches_sklearn(pairs):
 def _one_task(ref, mod, task="Pfirrmann", **kw):
     n = len(ref)
     labels = pd.DataFrame({"scan_id": [f"s{i // 3}" for i in range(n)],
-                           "level": [DEFAULT_GRADED_DISCS[i % 3] for i in range(n)], task: ref})
+                           "level": [LUMBAR_DISCS[i % 3] for i in range(n)], task: ref})
     preds = labels[["scan_id", "level"]].assign(**{task: mod})
     return compute_agreement(preds, labels, **kw)
 

@@ -171,7 +171,8 @@ def _row_dtypes(kind: str) -> dict[str, str]:
                   "upper_vertebra_id": "int64", "lower_vertebra_id": "int64",
                   **{f"centre_{a}": "float64" for a in ("slice", "row", "col", "x_mm", "y_mm", "z_mm")},
                   "angle_deg": "float64", "width_mm": "float64", "height_mm": "float64", "box_corners": "object",
-                  "grading_slices": "int64", "lower_vertebra_estimated": "bool"}
+                  "grading_slices": "int64", "lower_vertebra_estimated": "bool",
+                  "upper_vertebra_estimated": "bool"}
         for task in TASK_NAMES:
             dtypes.update({task: "int64", f"{task}_probs": "object"})
         dtypes["model_id"] = "str"

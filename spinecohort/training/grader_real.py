@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..tasks import DEFAULT_GRADED_DISCS, TASKS
+from ..tasks import DEFAULT_GRADED_DISCS, LUMBAR_DISCS, TASKS
 
 __all__ = [
     "SPIDER_TASKS",
@@ -59,9 +59,9 @@ SPIDER_TASKS = {"Pfirrmann": "Pfirrmann", "Spondylolisthesis": "Spondylolisthesi
                 "UpperEndplate": "UpperEndplateDefect", "LowerEndplate": "LowerEndplateDefect"}
 #: auxiliary binary targets (labels columns), from SPIDER grades on other scales
 AUX_COLUMNS = ("SPIDER_Narrowing", "SPIDER_Modic")
-#: the disc levels whose IVVs are extracted: every level SPIDER grades (T9-T10 ... L5-S1; the
-#: pipeline's default ``graded_discs`` are the last six, figures are given for both)
-SPIDER_LEVELS = ("T9-T10", "T10-T11", "T11-T12") + tuple(DEFAULT_GRADED_DISCS)
+#: the disc levels whose IVVs are extracted: every level SPIDER grades (T9-T10 ... L5-S1, the
+#: pipeline's default ``graded_discs``; figures are given for them and for the lumbar six)
+SPIDER_LEVELS = tuple(DEFAULT_GRADED_DISCS)
 
 
 def spider_labels(grades: pd.DataFrame | str | Path, series: pd.DataFrame | str | Path) -> pd.DataFrame:
@@ -576,7 +576,7 @@ def stage_report(run: _Run, n_bootstrap: int = 1000) -> dict:
     labels = labels.assign(sequence=labels["scan_id"].map(seq_all), site=labels["scan_id"].map(site_all))
     oof = pd.concat([pd.read_parquet(run.work / f"oof_fold{f}.parquet") for f in range(run.k)], ignore_index=True)
     models = {"cv": oof, "baseline": pd.read_parquet(run.work / f"oof_{BASELINE}.parquet")}
-    default_levels = set(DEFAULT_GRADED_DISCS)
+    default_levels = set(LUMBAR_DISCS)
     rep: dict = {"coverage": {}, "models": {}}
     for scope, lab in (("all_graded_levels", labels), ("default_levels", labels[labels["level"].isin(default_levels)])):
         miss = missing[missing["level"].isin(set(lab["level"]))]
@@ -716,7 +716,7 @@ def report_tables(rep: dict) -> str:
     """Markdown tables of :func:`stage_report`'s figures."""
     lines = []
     for scope, title in (("all_graded_levels", "every graded disc (T9-T10 ... L5-S1)"),
-                         ("default_levels", "the pipeline's default graded discs (T12-L1 ... L5-S1)")):
+                         ("default_levels", "the lumbar discs (T12-L1 ... L5-S1)")):
         cov = rep["coverage"][scope]
         lines += [f"**{title}**: {cov['n_graded_discs']} graded discs (series x disc), {cov['n_without_ivv']} "
                   f"({100 * cov['fraction_without_ivv']:.1f} %) without an IVV (level not found: counted as not graded,"

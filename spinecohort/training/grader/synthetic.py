@@ -13,7 +13,7 @@ import pandas as pd
 
 from ...discs import extract_ivvs, save_ivvs, vertebrae_from_synthetic
 from ...shipped import default_model_path
-from ...tasks import DEFAULT_GRADED_DISCS, TASKS
+from ...tasks import LUMBAR_DISCS, TASKS
 from .cards import evaluation_table_markdown, write_model_card
 from .recipe import TASK_NAMES, TrainConfig, fit, load_ivv_arrays, make_targets, predict_probs
 
@@ -56,7 +56,7 @@ def _one_synthetic(args: tuple[int, str, tuple[str, ...]]) -> list[dict]:
 
 
 def build_synthetic_cohort(out_dir: str | Path, seeds: Sequence[int], reads_seed: int,
-                           levels: Sequence[str] = DEFAULT_GRADED_DISCS, workers: int = 1,
+                           levels: Sequence[str] = LUMBAR_DISCS, workers: int = 1,
                            log: Callable[[str], None] = print) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Synthetic scans -> per-scan IVV files (from the truth polygons; discs cut by the field of
     view skipped), ``ivv_table.csv``, ``truth.csv`` and ``labels.csv`` (two simulated reads, R1
