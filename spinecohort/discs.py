@@ -382,11 +382,16 @@ def extract_ivvs(volume: np.ndarray, pixel_spacing_mm: tuple[float, float] | flo
     return out
 
 
-def _axis_and_disc(polys: dict, sp: np.ndarray, neighbour: Any, neighbour_above: bool
-                   ) -> tuple[np.ndarray, np.ndarray, float, float] | None:
-    """Mid-slice outline (mm, SA SP IP IA), unit axis (superior -> inferior endplate midpoints,
-    mm), body height and the disc height to use next to it: the gap to ``neighbour`` (the body
-    above it when ``neighbour_above``, else below) clamped to 15-50 % of the body height, else 30 %."""
+def _body_axis_and_disc(body: Any, pixel_spacing_mm: tuple[float, float] | float, neighbour: Any,
+                        neighbour_above: bool) -> tuple[dict, np.ndarray, np.ndarray, float, float] | None:
+    """A body's outlines ({slice: (4, 2)}), the (row, col) spacing, its unit axis (superior ->
+    inferior endplate midpoints on its mid slice, mm), its height and the disc height to use next to
+    it: the gap to ``neighbour`` (the body above it when ``neighbour_above``, else below) clamped to
+    15-50 % of the body height, else 30 %. None without a usable outline."""
+    polys = _norm_polygons(_get(body, "polygons") or {})
+    if not polys:
+        return None
+    sp = _spacing(pixel_spacing_mm)
     poly = _poly_near(polys, _mid_slice_of(polys)) * sp
     top, bottom = (poly[0] + poly[1]) / 2, (poly[2] + poly[3]) / 2
     axis = bottom - top
@@ -402,7 +407,7 @@ def _axis_and_disc(polys: dict, sp: np.ndarray, neighbour: Any, neighbour_above:
             float(np.dot((a[0] + a[1]) / 2 - bottom, axis))
         if np.isfinite(gap):
             disc_mm = float(np.clip(gap, 0.15 * body_mm, 0.5 * body_mm))
-    return poly, axis, body_mm, disc_mm
+    return polys, sp, axis, body_mm, disc_mm
 
 
 def _inside(volume_shape: Sequence[int], centroid: np.ndarray) -> bool:
@@ -424,14 +429,10 @@ def estimated_s1(volume_shape: Sequence[int], pixel_spacing_mm: tuple[float, flo
     (clamped to 15-50 % of the body height), else 30 % of it. The result is marked ``estimated``:
     :func:`extract_ivv` then scales intensities by L5 alone, and the disc's row says so.
     """
-    pu = _norm_polygons(_get(l5, "polygons") or {})
-    if not pu:
-        return None
-    sp = _spacing(pixel_spacing_mm)
-    geometry = _axis_and_disc(pu, sp, l4, neighbour_above=True)
+    geometry = _body_axis_and_disc(l5, pixel_spacing_mm, l4, neighbour_above=True)
     if geometry is None:
         return None
-    _, axis, body_mm, disc_mm = geometry
+    pu, sp, axis, body_mm, disc_mm = geometry
     shift_px = axis * (body_mm + disc_mm) / sp
     centroid = _centroid(l5, pu) + np.array([0.0, *shift_px])
     if not _inside(volume_shape, centroid):
@@ -453,14 +454,10 @@ def estimated_upper(volume_shape: Sequence[int], pixel_spacing_mm: tuple[float, 
     ``body``, clamped to 15-50 % of the body height, else 30 %) above ``body``'s superior endplate
     and parallel to it, on every slice. Marked ``estimated``: :func:`extract_ivv` then scales
     intensities by ``body`` alone, and the disc's row says so (``upper_vertebra_estimated``)."""
-    pl = _norm_polygons(_get(body, "polygons") or {})
-    if not pl:
-        return None
-    sp = _spacing(pixel_spacing_mm)
-    geometry = _axis_and_disc(pl, sp, below, neighbour_above=False)
+    geometry = _body_axis_and_disc(body, pixel_spacing_mm, below, neighbour_above=False)
     if geometry is None:
         return None
-    _, axis, body_mm, disc_mm = geometry
+    pl, sp, axis, body_mm, disc_mm = geometry
     step_disc, step_body = axis * disc_mm / sp, axis * (disc_mm + body_mm) / sp
     polygons = {k: np.stack([q[0] - step_body, q[1] - step_body, q[1] - step_disc, q[0] - step_disc])
                 for k, q in pl.items()}
