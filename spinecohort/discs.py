@@ -39,7 +39,7 @@ from matplotlib.path import Path as _MplPath
 from scipy import ndimage
 
 from .provenance import atomic_output
-from .tasks import DEFAULT_GRADED_DISCS, LEVELS, disc_name
+from .tasks import DEFAULT_GRADED_DISCS, LEVEL_INDEX, LEVELS, disc_name
 
 __all__ = [
     "IVV",
@@ -362,8 +362,8 @@ def extract_ivvs(volume: np.ndarray, pixel_spacing_mm: tuple[float, float] | flo
             by_level["S1"] = s1
     standard = [lvl for lvl in by_level if lvl in LEVELS]
     if standard and not {"T13", "L6"} & set(by_level):  # a transitional count: the name above is unsure
-        top = max(standard, key=LEVELS.index)
-        i_top = LEVELS.index(top)
+        top = max(standard, key=LEVEL_INDEX.get)
+        i_top = LEVEL_INDEX[top]
         if i_top + 1 < len(LEVELS) and disc_name(LEVELS[i_top + 1], top) in wanted:
             below = by_level.get(LEVELS[i_top - 1]) if i_top > 0 else None
             upper = estimated_upper(np.shape(volume), pixel_spacing_mm, by_level[top], LEVELS[i_top + 1], below)

@@ -514,6 +514,12 @@ def _has_variant(names: Sequence[str | None]) -> bool:
 _STANDARD = [i for i, c in enumerate(CHAIN) if c[0] not in _VARIANTS]
 
 
+def _local_evidence(emissions: np.ndarray, positions: Sequence[int]) -> list[float]:
+    """Per body, its emission's share for the level at chain position ``positions[i]``."""
+    E = np.asarray(emissions, dtype=np.float64)
+    return [float(E[i, _CHAIN_COL[p]] / max(float(E[i].sum()), 1e-12)) for i, p in enumerate(positions)]
+
+
 def count_from_sacrum(result: BeamResult, emissions: np.ndarray, gaps: np.ndarray | None) -> BeamResult:
     """The decoding re-counted upwards from its sacrum without transitional states: an L6 becomes L5
     and every body above it one level higher, likewise from a T13 up, and four lumbar vertebrae
@@ -546,7 +552,7 @@ def count_from_sacrum(result: BeamResult, emissions: np.ndarray, gaps: np.ndarra
             return result
         new.append(_STANDARD[rank])
     names = [_CHAIN_NAMES[p] for p in new]
-    evidence = [float(emissions[i, _CHAIN_COL[p]] / max(float(emissions[i].sum()), 1e-12)) for i, p in enumerate(new)]
+    evidence = _local_evidence(emissions, new)
     probabilities = [pr if p == q else ev for p, q, pr, ev in zip(new, positions, result.probabilities, evidence)]
     return BeamResult(names, new, probabilities, result.cost, result.hypotheses)
 
@@ -635,7 +641,7 @@ def anchor_at_sacrum(result: BeamResult, emissions: np.ndarray, gaps: np.ndarray
             return result
         positions.append(_STANDARD[rank])
     names = [_CHAIN_NAMES[p] for p in positions]
-    evidence = [float(E[i, _CHAIN_COL[p]] / max(float(E[i].sum()), 1e-12)) for i, p in enumerate(positions)]
+    evidence = _local_evidence(E, positions)
     # the first decoding's hypotheses stay: the networks' posterior of the re-count is low, and says so
     return BeamResult(names, positions, evidence, result.cost, result.hypotheses)
 
