@@ -37,7 +37,8 @@ def main() -> None:
         dets = detector.detect(scan.volume, sp)
         t1 = time.perf_counter()
         labels = labeller.label(scan.volume, sp, scan.slice_spacing_mm,
-                                [{"polygons": d.polygons, "centroid": d.centroid} for d in dets])
+                                [{"polygons": d.polygons, "centroid": d.centroid,
+                                  "found_at_low_threshold": d.found_at_low_threshold} for d in dets])
         t2 = time.perf_counter()
         det_t.append(t1 - t0)
         lab_t.append(t2 - t1)

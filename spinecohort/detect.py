@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -133,6 +133,8 @@ class DetectorConfig(StoredConfig):
     autocast_bf16: bool = False                 # bfloat16 inference (fast on AVX512-BF16/AMX CPUs)
     refine_endplates: bool = True               # corners moved across their endplate to the image's
                                                 # edge profile (refine_endplates); off: network only
+    search_below_threshold: float = 0.12        # > 0: one more body looked for directly below the
+                                                # lowest at this lower threshold (find_body_below)
 
     @classmethod
     def official(cls) -> "DetectorConfig":
@@ -142,7 +144,7 @@ class DetectorConfig(StoredConfig):
         return cls(arch="official", mm_per_px=260.0 / 224.0, tile_mm=260.0, overlap=0.4,
                    max_single_mm=260.0, whole_threshold_mm=1e9, tile_margin=0.0, corner_threshold=0.6,
                    centroid_threshold=0.6, arrow_max_px=20.0, group_iou=0.2, batch_tiles=8,
-                   refine_endplates=False)
+                   refine_endplates=False, search_below_threshold=0.0)
 
 
 @dataclass
@@ -151,6 +153,7 @@ class DetectedVertebra:
     centroid: tuple[float, float, float]          # (slice, row, col)
     score: float
     slice_scores: dict[int, float] = field(default_factory=dict, repr=False)
+    found_at_low_threshold: bool = False          # only the search below the column found it
 
     @property
     def slice_min(self) -> int:
@@ -521,6 +524,35 @@ def drop_lateral(verts: list[DetectedVertebra], k: int = 4, min_ref_slices: int 
     return keep
 
 
+def find_body_below(verts: list[DetectedVertebra], candidates: list[DetectedVertebra],
+                    factors: tuple[float, float], reach: tuple[float, float] = (0.55, 1.6),
+                    max_offset: float = 0.5) -> DetectedVertebra | None:
+    """The best-scoring candidate (decoded at a lower threshold) that continues the column one
+    body below the lowest detection: its centroid 0.55-1.6 x the lowest pair's spacing further
+    along the column, at most half that spacing off it, overlapping no detection."""
+    if len(verts) < 2:
+        return None
+    scale = np.array([1.0, factors[0], factors[1]])  # ingested px -> isotropic network px
+    low, above = np.array(verts[0].centroid) * scale, np.array(verts[1].centroid) * scale
+    axis = (low - above)[1:]
+    spacing = float(np.hypot(*axis))
+    if spacing <= 0:
+        return None
+    axis /= spacing
+    best = None
+    for c in candidates:
+        d = (np.array(c.centroid) * scale - low)[1:]
+        along, off = float(d @ axis), abs(float(d[0] * axis[1] - d[1] * axis[0]))
+        if not (reach[0] * spacing <= along <= reach[1] * spacing and off <= max_offset * spacing):
+            continue
+        if any(polygon_iou(q, v.polygons[s]) > 0.05 for v in verts[:2] for s, q in c.polygons.items()
+               if s in v.polygons):
+            continue
+        if best is None or c.score > best.score:
+            best = c
+    return None if best is None else replace(best, found_at_low_threshold=True)
+
+
 def _vertebra_from_group(group: dict[int, SliceQuad]) -> DetectedVertebra:
     slices = sorted(group)
     areas = np.array([max(polygon_area(group[s].quad), 1e-6) for s in slices])
@@ -579,7 +611,7 @@ def refine_endplates(volume: np.ndarray, pixel_spacing_mm: Sequence[float],
     Centroids and scores are unchanged; ``volume`` is (slices, rows, cols) in the polygons' grid.
     """
     sp = np.asarray([float(pixel_spacing_mm[0]), float(pixel_spacing_mm[1])])
-    out = [DetectedVertebra(dict(v.polygons), v.centroid, v.score, dict(v.slice_scores)) for v in vertebrae]
+    out = [replace(v, polygons=dict(v.polygons), slice_scores=dict(v.slice_scores)) for v in vertebrae]
     for s in sorted({k for v in vertebrae for k in v.polygons}):
         on_slice = [i for i, v in enumerate(vertebrae) if s in v.polygons]
         if len(on_slice) < 2 or not 0 <= s < volume.shape[0]:  # no other body to compare with
@@ -761,8 +793,9 @@ class Detector:
             results.append((maps, factors))
         return results
 
-    def _decode_volume(self, maps: torch.Tensor, factors: tuple[float, float]) -> list[DetectedVertebra]:
-        cfg = self.config
+    def _decode_volume(self, maps: torch.Tensor, factors: tuple[float, float],
+                       config: DetectorConfig | None = None) -> list[DetectedVertebra]:
+        cfg = config or self.config
         fr, fc = factors
         per_slice: dict[int, list[SliceQuad]] = {}
         arr = maps.numpy()
@@ -782,18 +815,32 @@ class Detector:
         verts.sort(key=lambda v: (-v.centroid[1], v.centroid[2]))
         return verts
 
+    def _weak_body_below(self, maps: torch.Tensor, factors: tuple[float, float],
+                         verts: list[DetectedVertebra]) -> DetectedVertebra | None:
+        """The weak body below the column (:func:`find_body_below`) decoded from the same maps at
+        ``search_below_threshold``, if any (search off at 0)."""
+        t = self.config.search_below_threshold
+        if t <= 0:
+            return None
+        weak = self._decode_volume(maps, factors, replace(self.config, corner_threshold=t, centroid_threshold=t))
+        return find_body_below(verts, weak, factors)
+
     def detect(self, volume: np.ndarray, pixel_spacing_mm: Sequence[float], *,
-               flip_rows: bool = False, flip_cols: bool = False) -> list[DetectedVertebra]:
+               flip_rows: bool = False, flip_cols: bool = False, search_below: bool = True) -> list[DetectedVertebra]:
         """Vertebrae in one (slices, rows, cols) volume, caudal (largest row) first.
 
         ``flip_rows``/``flip_cols``: the volume's rows run inferior -> superior / its cols run
         posterior -> anterior; it is flipped for the network and the polygons mapped back (corner
-        names stay anatomical)."""
-        return self.detect_batch([volume], [pixel_spacing_mm], flip_rows=[flip_rows], flip_cols=[flip_cols])[0]
+        names stay anatomical). ``search_below`` (with the config's ``search_below_threshold`` >
+        0): also the weak body directly below the column, marked ``found_at_low_threshold``, a
+        tentative detection that :meth:`spinecohort.label.Labeller.label_scan` keeps or drops;
+        callers that do not label (detection metrics, training targets) pass False."""
+        return self.detect_batch([volume], [pixel_spacing_mm], flip_rows=[flip_rows], flip_cols=[flip_cols],
+                                 search_below=search_below)[0]
 
     def detect_batch(self, volumes: Sequence[np.ndarray], spacings: Sequence[Sequence[float]], *,
                      flip_rows: Sequence[bool] | None = None,
-                     flip_cols: Sequence[bool] | None = None) -> list[list[DetectedVertebra]]:
+                     flip_cols: Sequence[bool] | None = None, search_below: bool = True) -> list[list[DetectedVertebra]]:
         """:meth:`detect` for several scans, their tiles batched together."""
         n = len(volumes)
         if len(spacings) != n:
@@ -816,6 +863,11 @@ class Detector:
             verts = self._decode_volume(maps, factors)
             if self.config.refine_endplates:
                 verts = refine_endplates(v, spacing, verts)
+            # after the refinement, which it must not enter: the labeller may drop it, and the
+            # bodies' corners are then as without the search (its own outline stays the network's)
+            weak = self._weak_body_below(maps, factors, verts) if search_below else None
+            if weak is not None:
+                verts.insert(0, weak)
             if fr_ or fc_:
                 verts = [_unflip(x, v.shape, fr_, fc_) for x in verts]
                 verts.sort(key=lambda x: (-x.centroid[1], x.centroid[2]))
@@ -840,4 +892,4 @@ def _unflip(v: DetectedVertebra, shape: tuple[int, int, int], flip_rows: bool, f
         r = rows - 1 - r
     if flip_cols:
         c = cols - 1 - c
-    return DetectedVertebra(polys, (s, r, c), v.score, dict(v.slice_scores))
+    return replace(v, polygons=polys, centroid=(s, r, c), slice_scores=dict(v.slice_scores))

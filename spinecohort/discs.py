@@ -336,7 +336,8 @@ def extract_ivv(volume: np.ndarray, pixel_spacing_mm: tuple[float, float] | floa
 def extract_ivvs(volume: np.ndarray, pixel_spacing_mm: tuple[float, float] | float, vertebrae: Iterable[Any],
                  levels: Sequence[str] = DEFAULT_GRADED_DISCS) -> list[IVV]:
     """IVVs of every disc in ``levels`` whose two vertebrae are labelled, caudal first; L5-S1 also
-    when L5 is the lowest labelled body and the sacrum's place is in the image (:func:`estimated_s1`),
+    when L5 is the lowest labelled body and the sacrum's place is in the image (:func:`estimated_s1`,
+    also used for an S1 marked ``found_at_low_threshold`` whose place is in the image),
     and the disc above the topmost labelled body when the place of the body above it is in the
     image (:func:`estimated_upper`).
 
@@ -356,7 +357,10 @@ def extract_ivvs(volume: np.ndarray, pixel_spacing_mm: tuple[float, float] | flo
         by_level[lvl] = v
     wanted = set(levels)
     below_l5 = {"S1", "L6"}  # a body labelled below L5 (L6: six lumbar vertebrae) is not S1's place
-    if "L5-S1" in wanted and "L5" in by_level and not below_l5 & set(by_level):
+    # an S1 found only at the detector's lower threshold names the levels, but its outline is a weak
+    # decoding: L5's geometry places the box as when the sacrum is not detected at all
+    weak_s1 = "S1" in by_level and bool(_get(by_level["S1"], "found_at_low_threshold", False))
+    if "L5-S1" in wanted and "L5" in by_level and (weak_s1 or not below_l5 & set(by_level)):
         s1 = estimated_s1(np.shape(volume), pixel_spacing_mm, by_level["L5"], by_level.get("L4"))
         if s1 is not None:
             by_level["S1"] = s1

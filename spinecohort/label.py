@@ -479,6 +479,8 @@ LEVEL_FLAGS = {
     "no_vertebrae_detected": "nothing was detected, so nothing was labelled",
     "few_vertebrae": "fewer than 3 bodies: the sequence gives little context",
     "no_sacrum_in_view": "lumbar levels without S1: the counting anchor is missing",
+    "s1_weakly_detected": "S1 is a body the detector found only at its lower threshold directly below "
+                          "the column (spinecohort.detect.find_body_below): the counting anchor is weak",
     "sacrum_cut_by_image_edge": "the image ends within one body height below the lowest body (lumbar, S1 "
                                 "or S2): the sacrum that tells S1 from L5 is not in view",
     "counting_variant_suspected": "the decoding (or a close alternative) has L6, T13 or four lumbar vertebrae",
@@ -500,6 +502,11 @@ class LevelSummary:
     @property
     def flags_text(self) -> str:
         return ";".join(self.flags)
+
+
+def _field(vertebra: Any, name: str) -> Any:
+    """A vertebra's ``name`` whether it is a mapping or a detection object."""
+    return vertebra.get(name) if isinstance(vertebra, Mapping) else getattr(vertebra, name, None)
 
 
 def _has_variant(names: Sequence[str | None]) -> bool:
@@ -662,7 +669,7 @@ def hypotheses_agreeing(result: BeamResult) -> tuple[np.ndarray, np.ndarray]:
 
 def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weight: float = 0.2,
                   probe: BeamResult | None = None, room_below: float | None = None,
-                  recounted: bool = False) -> LevelSummary:
+                  recounted: bool = False, weak_s1: bool = False) -> LevelSummary:
     """Doubt about one scan's labelling from its beam search (bodies caudal first).
 
     ``confidence``: the summed posterior weight (:func:`hypothesis_weights` of the final hypotheses)
@@ -672,8 +679,8 @@ def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weigh
     ``probe`` (the same bodies decoded with cheaper transitional states), for lumbar levels without
     S1, for an image that ends less than one body height (``room_below``: image below the lowest
     body, in the scan's median body height) under a lowest body called S2, S1 or lumbar, for fewer
-    than 3 bodies, for a labelling ``recounted`` from the sacrum (:func:`anchor_at_sacrum`), and for
-    ``confidence < min_confidence``."""
+    than 3 bodies, for a labelling ``recounted`` from the sacrum (:func:`anchor_at_sacrum`), for an
+    S1 that is a weak detection (``weak_s1``), and for ``confidence < min_confidence``."""
     labels = list(result.labels)
     if not any(lab is not None for lab in labels):
         return LevelSummary(float("nan"), ("no_vertebrae_detected",))
@@ -688,6 +695,8 @@ def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weigh
         flags.append("few_vertebrae")
     if any(lab in _LUMBAR for lab in labels) and "S1" not in labels:
         flags.append("no_sacrum_in_view")
+    if weak_s1 and "S1" in labels:
+        flags.append("s1_weakly_detected")
     lowest = next((lab for lab in labels if lab is not None), None)
     # a lowest "S2" at the image edge is as doubtful as a lowest S1: a cut S1 called S2 puts L5 on S1
     if room_below is not None and room_below < 1.0 and (lowest in ("S1", "S2") or lowest in _LUMBAR):
@@ -858,11 +867,12 @@ class Labeller:
         return torch.softmax(y / self.context_config.temperature, dim=1).numpy()
 
     def label_geometries(self, volume: np.ndarray, pixel_spacing_mm: Sequence[float],
-                         geoms: Sequence[VertebraGeometry], logits: np.ndarray | None = None
-                         ) -> tuple[BeamResult, dict[str, Any]]:
+                         geoms: Sequence[VertebraGeometry], logits: np.ndarray | None = None,
+                         weak: Sequence[bool] | None = None) -> tuple[BeamResult, dict[str, Any]]:
         """Labels for bodies given as geometries sorted caudal first; returns the beam result (per
         body) and the intermediate maps (``logits``, ``groups``, ``P``, ``P_refined``,
-        ``emissions`` per group)."""
+        ``emissions`` per group). ``weak``: per body, found only at the detector's lower
+        threshold (an S1 among them raises ``s1_weakly_detected``)."""
         acfg, ccfg = self.appearance_config, self.context_config
         if logits is None:
             logits = self.appearance_logits(volume, pixel_spacing_mm, geoms)
@@ -910,7 +920,10 @@ class Labeller:
         low = geoms[lead[0]]
         body_height = float(np.median([geoms[m].bottom - geoms[m].top for m in lead]))
         room_below = (np.asarray(volume).shape[1] - 1 - low.bottom) / max(body_height, 1.0)
-        summary = level_summary(res_g, self.min_confidence, probe=probe, room_below=room_below, recounted=recounted)
+        weak_s1 = weak is not None and any(weak[m] for gi, members in enumerate(groups)
+                                           if res_g.labels[gi] == "S1" for m in members)
+        summary = level_summary(res_g, self.min_confidence, probe=probe, room_below=room_below, recounted=recounted,
+                                weak_s1=weak_s1)
         raw = raw_probabilities(res_g, em)
         reported = calibrated_probabilities(raw, bool(summary.flags), self.beam.probability_calibration)
         labels: list[str | None] = [None] * len(geoms)
@@ -943,15 +956,32 @@ class Labeller:
         (slice, row, col). A body without polygons is placed by its centroid (its appearance
         volume is cut around a 20-pixel box); one with neither gets (None, nan).
         ``slice_spacing_mm`` is accepted for the API (the appearance volume is resampled relative
-        to each body's own slice range, as in SpineNet)."""
+        to each body's own slice range, as in SpineNet).
+
+        A body marked ``found_at_low_threshold`` (:func:`spinecohort.detect.find_body_below`: a
+        weak detection directly below the column) is kept only where the scan is labelled
+        without an S1 and, labelled with it, that body reads S1: it is the sacrum a detector
+        trained on other sites saw too weakly (flagged ``s1_weakly_detected``). Otherwise it gets
+        (None, nan) and the other bodies keep the labels they have without it (below an S1 it
+        would be S2 and could pull the count)."""
+        weak = {i for i, v in enumerate(vertebrae) if _field(v, "found_at_low_threshold")}
+        if not weak:
+            return self._label_inputs(volume, pixel_spacing_mm, vertebrae, with_maps)
+        strong = [v if i not in weak else {"polygons": None, "centroid": None} for i, v in enumerate(vertebrae)]
+        first = self._label_inputs(volume, pixel_spacing_mm, strong, with_maps)
+        if any(lab == "S1" for lab, _ in first[0]):
+            return first
+        second = self._label_inputs(volume, pixel_spacing_mm, vertebrae, with_maps)
+        return second if all(second[0][i][0] == "S1" for i in weak) else first
+
+    def _label_inputs(self, volume, pixel_spacing_mm, vertebrae, with_maps: bool):
         vol = np.asarray(volume)
         if vol.ndim != 3:
             raise ValueError(f"expected a (slices, rows, cols) volume, got shape {vol.shape}")
         out: list[tuple[str | None, float]] = [(None, float("nan"))] * len(vertebrae)
         geoms, idx = [], []
         for i, v in enumerate(vertebrae):
-            g = vertebra_geometry(v.get("polygons") if isinstance(v, Mapping) else getattr(v, "polygons", None),
-                                  v.get("centroid") if isinstance(v, Mapping) else getattr(v, "centroid", None))
+            g = vertebra_geometry(_field(v, "polygons"), _field(v, "centroid"))
             if g is not None:
                 geoms.append(g)
                 idx.append(i)
@@ -963,7 +993,8 @@ class Labeller:
         if self.threads and self.device.type == "cpu" and self.threads != prev:
             torch.set_num_threads(self.threads)
         try:
-            res, maps = self.label_geometries(vol, pixel_spacing_mm, [geoms[k] for k in order])
+            weak = [bool(_field(vertebrae[idx[k]], "found_at_low_threshold")) for k in order]
+            res, maps = self.label_geometries(vol, pixel_spacing_mm, [geoms[k] for k in order], weak=weak)
         finally:
             if torch.get_num_threads() != prev:
                 torch.set_num_threads(prev)

@@ -68,6 +68,7 @@ def vertebra_rows(scan: ScanContext, detections: list) -> pd.DataFrame:
             "centroid_slice": float(centroid[0]), "centroid_row": float(centroid[1]), "centroid_col": float(centroid[2]),
             "centroid_x_mm": float(x), "centroid_y_mm": float(y), "centroid_z_mm": float(z),
             "polygons": polygons, "detection_score": float(detection.score),
+            "found_at_low_threshold": bool(detection.found_at_low_threshold),
         })
     return pd.DataFrame(rows)
 
@@ -82,7 +83,8 @@ def canonical_vertebrae(scan: ScanContext, rows: pd.DataFrame) -> list[dict]:
         centroid = scan.canonical.flip_points([row["centroid_slice"], row["centroid_row"], row["centroid_col"]])[0]
         vertebrae.append({"vertebra_id": int(row["vertebra_id"]), "level": row.get("level"),
                           "polygons": scan.canonical.flip_polygons(stored),
-                          "centroid": tuple(float(v) for v in centroid)})
+                          "centroid": tuple(float(v) for v in centroid),
+                          "found_at_low_threshold": bool(row.get("found_at_low_threshold", False))})
     return vertebrae
 
 
@@ -138,6 +140,17 @@ class DetectStage(Stage):
 SCAN_LEVEL_COLUMNS = ("level_confidence", "level_flags")
 
 
+def drop_unlabelled_weak_bodies(rows: pd.DataFrame) -> pd.DataFrame:
+    """Labelled vertebra rows without the weak body below the column (``found_at_low_threshold``)
+    that the labeller did not keep as S1: it is not a vertebra of the scan. ``vertebra_id`` is
+    renumbered, caudal first, so 0 stays the lowest."""
+    if "found_at_low_threshold" not in rows:
+        return rows
+    rows = rows.sort_values("vertebra_id")
+    rows = rows[~(rows["found_at_low_threshold"].astype(bool) & rows["level"].isna())].reset_index(drop=True)
+    return rows.assign(vertebra_id=np.arange(len(rows), dtype=np.int64))
+
+
 class LabelStage(Stage):
     name = "label"
     after = "detect"
@@ -164,6 +177,7 @@ class LabelStage(Stage):
                                                    series.slice_spacing_mm, canonical_vertebrae(scan, rows))
         rows["level"] = [level for level, _ in labels]
         rows["level_probability"] = [float(probability) for _, probability in labels]
+        rows = drop_unlabelled_weak_bodies(rows)
         # scan-level doubt, carried on each row and moved to scans.parquet by the cohort tables
         rows[SCAN_LEVEL_COLUMNS[0]] = float(summary.confidence)
         rows[SCAN_LEVEL_COLUMNS[1]] = summary.flags_text

@@ -15,6 +15,7 @@ from spinecohort.detect import (
     SliceQuad,
     decode_slice,
     drop_lateral,
+    find_body_below,
     group_across_slices,
     merge_fragments,
     is_valid_quad,
@@ -279,3 +280,31 @@ def test_shipped_weights_detect_synthetic_scan():
     for d in found:
         for q in d.polygons.values():
             assert q.shape == (4, 2) and is_valid_quad(q)
+
+
+def _body(r, c, h=20.0, w=24.0, score=0.9):
+    return DetectedVertebra({0: _quad(r, c, h, w)}, (0.0, float(r), float(c)), score)
+
+
+def test_find_body_below_takes_the_best_weak_body_one_step_down_the_column():
+    column = [_body(200, 100), _body(170, 95), _body(140, 90)]  # caudal first, 30 px apart
+    step_down = _body(228, 104, score=0.3)
+    weaker = _body(232, 106, score=0.2)
+    too_far = _body(275, 112, score=0.8)        # 2.5 spacings: a body further down, not the next
+    off_column = _body(225, 130, score=0.8)    # 30 px beside the column's line
+    overlapping = _body(205, 101, score=0.9)   # the lowest body found again
+    found = find_body_below(column, [weaker, too_far, off_column, overlapping, step_down], (1.0, 1.0))
+    assert found is not None and found.centroid == step_down.centroid
+    assert found.found_at_low_threshold and not step_down.found_at_low_threshold
+    assert find_body_below(column, [too_far, off_column, overlapping], (1.0, 1.0)) is None
+    assert find_body_below(column[:1], [step_down], (1.0, 1.0)) is None  # no column to follow
+    # distances are measured on the network's isotropic grid: 15 px beside the line is within
+    # half a spacing at square pixels, 45 px (too far) where the columns are resampled 3x
+    beside = _body(228, 115, score=0.3)
+    assert find_body_below(column, [beside], (1.0, 1.0)) is not None
+    assert find_body_below(column, [beside], (1.0, 3.0)) is None
+
+
+def test_search_below_is_off_for_the_official_constants():
+    assert DetectorConfig.official().search_below_threshold == 0.0
+    assert Detector.load(MODEL).config.search_below_threshold > 0

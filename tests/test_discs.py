@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from spinecohort.discs import (IVV_SHAPE, estimated_upper, extract_ivv, extract_ivvs, load_ivvs, polygon_mask,
+from spinecohort.discs import (IVV_SHAPE, estimated_s1, estimated_upper, extract_ivv, extract_ivvs, load_ivvs, polygon_mask,
                                save_ivvs, vertebrae_from_synthetic)
 from spinecohort.tasks import LUMBAR_DISCS
 
@@ -261,3 +261,18 @@ def test_no_estimated_s1_outside_the_image_or_below_a_sixth_lumbar_body():
     # six lumbar vertebrae: the body below "L5" is L6, so S1 is not where L5's neighbour would be
     six = [dict(verts[0], level="L6"), dict(verts[1], level="L5")]
     assert extract_ivvs(vol, sp, six, levels=("L4-L5", "L5-S1")) == []
+
+
+def test_a_weakly_detected_s1_names_l5_s1_but_l5_places_its_box():
+    vol, sp, verts = tilted_pair(angle_deg=15.0)  # verts[0] is L5, verts[1] L4
+    estimated = {v.level: v for v in extract_ivvs(vol, sp, verts, levels=("L5-S1",))}["L5-S1"]
+    # a weak S1 outline a few mm off where the sacrum is: the box ignores it
+    s1_polygons = {s: q + [6.0, 3.0] for s, q in estimated_s1(vol.shape, sp, verts[0], verts[1])["polygons"].items()}
+    weak = {"level": "S1", "vertebra_id": 2, "polygons": s1_polygons, "centroid": (3.0, 0.0, 0.0),
+            "found_at_low_threshold": True}
+    l5s1 = {v.level: v for v in extract_ivvs(vol, sp, verts + [weak], levels=("L5-S1",))}["L5-S1"]
+    assert l5s1.lower_estimated and np.allclose(l5s1.box_corners, estimated.box_corners)
+    strong = dict(weak, found_at_low_threshold=False)  # a detected S1 sets the box itself
+    placed = {v.level: v for v in extract_ivvs(vol, sp, verts + [strong], levels=("L5-S1",))}["L5-S1"]
+    assert not placed.lower_estimated and placed.lower_id == 2
+    assert not np.allclose(placed.box_corners, estimated.box_corners)

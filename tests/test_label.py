@@ -12,6 +12,7 @@ from spinecohort.label import (
     CHAIN,
     LEVEL_FLAGS,
     AppearanceConfig,
+    BeamResult,
     BeamConfig,
     Labeller,
     beam_search,
@@ -427,3 +428,51 @@ def test_anchor_at_sacrum_counts_up_from_a_sacral_lowest_body():
     plain = beam_search(emissions(["S1", "L5", "L4", "L3"]))
     assert anchor_at_sacrum(plain, emissions(["S1", "L5", "L4", "L3"]), None) is plain
     assert BeamConfig().anchor_at_sacrum is False  # official family: reference decoding
+
+
+class _ScriptedLabeller(Labeller):
+    """label_scan's decision about a weak body, with the decodings scripted: bodies present
+    (caudal first) -> their labels."""
+
+    def __init__(self, script):
+        self.script = script
+
+    def _label_inputs(self, volume, pixel_spacing_mm, vertebrae, with_maps):
+        present = sorted((i for i, v in enumerate(vertebrae) if v["polygons"] is not None),
+                         key=lambda i: -vertebrae[i]["centroid"][1])
+        out = [(None, float("nan"))] * len(vertebrae)
+        for i, level in zip(present, self.script[len(present)]):
+            out[i] = (level, 0.9)
+        return out, level_summary(BeamResult([], [], [], 0.0))
+
+
+def _column(n, weak_below=True):
+    bodies = [{"polygons": {0: np.eye(4, 2)}, "centroid": (0.0, 200.0 - 30 * k, 100.0)} for k in range(n)]
+    if weak_below:
+        bodies.append({"polygons": {0: np.eye(4, 2)}, "centroid": (0.0, 230.0, 100.0), "found_at_low_threshold": True})
+    return bodies
+
+
+def test_a_weak_body_below_is_kept_only_as_the_missing_s1():
+    vol = np.zeros((1, 8, 8), np.float32)
+    upper = ["L5", "L4", "L3", "L2"]
+    # no S1 without it, S1 with it: the sacrum the detector saw weakly
+    found = _ScriptedLabeller({4: upper, 5: ["S1"] + upper}).label_scan(vol, (1.0, 1.0), 1.0, _column(4))[0]
+    assert [lab for lab, _ in found] == upper + ["S1"]
+    # the scan already has its S1: the weak body is not a vertebra of it (below S1 it would be S2)
+    has_s1 = ["S1", "L5", "L4", "L3"]
+    kept = _ScriptedLabeller({4: has_s1, 5: ["S1", "L5", "L4", "L3", "L2"]}).label_scan(vol, (1.0, 1.0), 1.0, _column(4))[0]
+    assert [lab for lab, _ in kept[:4]] == has_s1 and kept[4][0] is None and math.isnan(kept[4][1])
+    # with it the column is re-read but the weak body is not S1: the labels without it stand
+    shifted = _ScriptedLabeller({4: upper, 5: ["L5", "L4", "L3", "L2", "L1"]}).label_scan(vol, (1.0, 1.0), 1.0, _column(4))[0]
+    assert [lab for lab, _ in shifted[:4]] == upper and shifted[4][0] is None
+    # nothing weak: one decoding, as before
+    assert [lab for lab, _ in _ScriptedLabeller({4: upper}).label_scan(vol, (1.0, 1.0), 1.0, _column(4, False))[0]] == upper
+
+
+def test_a_weakly_detected_s1_is_flagged():
+    res = BeamResult(["S1", "L5", "L4", "L3"], [0, 1, 2, 3], [0.9] * 4, 0.0)
+    assert "s1_weakly_detected" in level_summary(res, weak_s1=True).flags
+    assert "s1_weakly_detected" not in level_summary(res).flags
+    no_s1 = BeamResult(["L5", "L4", "L3"], [1, 2, 3], [0.9] * 3, 0.0)
+    assert level_summary(no_s1, weak_s1=True).flags == level_summary(no_s1).flags

@@ -36,3 +36,16 @@ def test_cohort_with_a_bad_scan(tmp_path):
         if path.is_file():
             blob = path.read_bytes()
             assert b"Secret" not in blob and b"PID-998877" not in blob, path
+
+
+def test_label_stage_drops_a_weak_body_the_labeller_did_not_keep():
+    from spinecohort.stages import drop_unlabelled_weak_bodies
+
+    rows = pd.DataFrame({"vertebra_id": [2, 0, 1], "level": ["L4", None, "L5"],
+                         "found_at_low_threshold": [False, True, False]})
+    kept = drop_unlabelled_weak_bodies(rows)
+    assert kept["level"].tolist() == ["L5", "L4"] and kept["vertebra_id"].tolist() == [0, 1]
+    read_as_s1 = rows.assign(level=["L4", "S1", "L5"])
+    assert drop_unlabelled_weak_bodies(read_as_s1)["level"].tolist() == ["S1", "L5", "L4"]
+    older = rows.drop(columns="found_at_low_threshold")  # rows of a detect stage without the search
+    assert drop_unlabelled_weak_bodies(older) is older

@@ -218,7 +218,7 @@ def evaluate_detection(detector, cases: Iterable[DetectionCase], batch: int = 4,
     t0 = time.perf_counter()
     for i in range(0, len(cases), max(1, batch)):
         chunk = cases[i:i + batch]
-        dets = detector.detect_batch([c.volume for c in chunk], [c.pixel_spacing_mm for c in chunk])
+        dets = detector.detect_batch([c.volume for c in chunk], [c.pixel_spacing_mm for c in chunk], search_below=False)
         for c, d in zip(chunk, dets):
             m = match_detections(d, c)
             m.update({"name": c.name, "fov": c.fov, "source": c.source, "contrast": c.contrast,

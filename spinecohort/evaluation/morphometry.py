@@ -116,7 +116,7 @@ def _run(detector, cases, derived_of, batch: int, log) -> list[dict[str, Any]]:
     records = []
     for i in range(0, len(cases), batch):
         chunk = cases[i:i + batch]
-        dets = detector.detect_batch([c.volume for c in chunk], [c.pixel_spacing_mm for c in chunk])
+        dets = detector.detect_batch([c.volume for c in chunk], [c.pixel_spacing_mm for c in chunk], search_below=False)
         for c, d in zip(chunk, dets):
             got = measure_pairs(d, c, derived_of(c))
             records += got

@@ -165,7 +165,7 @@ def _row_dtypes(kind: str) -> dict[str, str]:
         dtypes = {"scan_id": "str", "subject_id": "str", "vertebra_id": "int64", "level": "str",
                   "level_probability": "float64", "slice_min": "int64", "slice_max": "int64",
                   **{f"centroid_{a}": "float64" for a in ("slice", "row", "col", "x_mm", "y_mm", "z_mm")},
-                  "polygons": "object", "detection_score": "float64"}
+                  "polygons": "object", "detection_score": "float64", "found_at_low_threshold": "bool"}
     elif kind == "discs":
         dtypes = {"scan_id": "str", "subject_id": "str", "site": "str", "level": "str",
                   "upper_vertebra_id": "int64", "lower_vertebra_id": "int64",

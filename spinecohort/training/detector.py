@@ -393,7 +393,7 @@ def load_public_lumbar_scans(root=None, split: str = "train", log=print, neighbo
         case = pl.load_case(ref)
         extra = []
         if neighbour_detector is not None:
-            extra = pl.neighbour_bodies(case, neighbour_detector.detect(case.volume, case.pixel_spacing_mm))
+            extra = pl.neighbour_bodies(case, neighbour_detector.detect(case.volume, case.pixel_spacing_mm, search_below=False))
             n_neighbours += len(extra)
         ts = scan_from_public_lumbar(case, neighbours=extra)
         if ts.polys:

@@ -146,13 +146,14 @@ def build_spider_ivvs(data_dir: str | Path, cache_dir: str | Path, levels: Seque
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     series = pd.read_csv(data_dir / "series.csv")
     models = [default_model(r) for r in ("detector", "appearance", "context")]
+    detector = Detector.load(models[0])
     key = {"series_sha": sha256_file(data_dir / "series.csv"), "levels": list(levels),
-           "models": {p.name: sha256_file(p) for p in models}, "min_slices": 1, "estimated_s1": True}
+           "models": {p.name: sha256_file(p) for p in models}, "min_slices": 1, "estimated_s1": True,
+           "search_below_threshold": detector.config.search_below_threshold}
     done, key_file = cache_dir / "ivv_table.csv", cache_dir / "cohort.json"
     if done.exists() and key_file.exists() and json.loads(key_file.read_text()) == key:
         return pd.read_csv(done, dtype={"scan_id": str, "subject_id": str, "level": str})
     (cache_dir / "ivv").mkdir(parents=True, exist_ok=True)
-    detector = Detector.load(models[0])
     labeller = Labeller.load(models[1], models[2])
     rows, logs = [], []
     t0 = time.time()
@@ -163,7 +164,8 @@ def build_spider_ivvs(data_dir: str | Path, cache_dir: str | Path, levels: Seque
             vol, spacing = spider_volume(data_dir, r)
             with torch.inference_mode():
                 dets = detector.detect(vol, spacing)
-            verts = [{"vertebra_id": k, "polygons": d.polygons, "centroid": d.centroid} for k, d in enumerate(dets)]
+            verts = [{"vertebra_id": k, "polygons": d.polygons, "centroid": d.centroid,
+                      "found_at_low_threshold": d.found_at_low_threshold} for k, d in enumerate(dets)]
             entry["n_vertebrae"] = len(verts)
             if verts:
                 labels = labeller.label(vol, spacing, float(r.slice_thickness_mm), verts)

@@ -276,7 +276,7 @@ def public_lumbar_detector_items(detector, split: str = "train", k_jitter: int =
               if v.polygons and v.level in LEVEL_INDEX]
         if len(gt) < 2:
             continue
-        dets = detector.detect(case.volume, sp)
+        dets = detector.detect(case.volume, sp, search_below=False)
         centres = np.array([[d.centroid[1] * sp[0], d.centroid[2] * sp[1]] for d in dets]).reshape(-1, 2)
         match = match_bodies(gt, centres)
         verts = [(g.level, dets[j].polygons, dets[j].centroid, False) for i, g in enumerate(gt)
@@ -332,7 +332,7 @@ def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: Appeara
     for r in series.itertuples(index=False):
         vol, sp = spider_volume(root, r)
         with torch.inference_mode():
-            dets = detector.detect(vol, sp)
+            dets = detector.detect(vol, sp, search_below=False)
             verts = [{"vertebra_id": k, "polygons": d.polygons, "centroid": d.centroid} for k, d in enumerate(dets)]
             labels, summary = teacher.label_scan(vol, sp, float(r.slice_thickness_mm), verts) if verts else ([], None)
         names = [lvl for lvl, _ in labels]
