@@ -48,7 +48,10 @@ def render_qc(series: Series, vertebrae: pd.DataFrame | None, discs: pd.DataFram
         if corners is None:
             continue
         closed = np.vstack([corners, corners[:1]])
-        axis.plot(closed[:, 1], closed[:, 0], color="#00e5ff", linewidth=1.0)
+        # a body found only at the detector's lower threshold (a weak S1) is dotted: check it first
+        weak = vertebra.get("found_at_low_threshold", False)
+        weak = isinstance(weak, (bool, np.bool_)) and bool(weak)  # absent or null: a normal detection
+        axis.plot(closed[:, 1], closed[:, 0], color="#00e5ff", linewidth=1.0, linestyle=":" if weak else "-")
         label = vertebra.get("level")
         if isinstance(label, str) and label:
             axis.text(corners[:, 1].min() - 4 / col_mm, corners[:, 0].mean(), label, color="#ffeb3b",
