@@ -23,7 +23,11 @@ pixels. The stage:
 5. moves each corner across its endplate to where the image's endplate profile lines up with
    the neighbouring bodies' on that slice (:func:`refine_endplates`, ``refine_endplates``): the
    network, which sees 1.3 mm pixels, is off by a per-body offset that the native-resolution
-   image shows.
+   image shows;
+6. looks once more directly below the lowest body, on the same maps decoded at a lower
+   threshold (:func:`find_body_below`, ``search_below_threshold``): on scanners it was not
+   trained on, the top of the sacrum often scores too low. That body is tentative
+   (``found_at_low_threshold``): the labeller keeps it only as a missing S1.
 
 Polygons come back in the ingested series' pixel grid, corners (row, col) ordered
 superior-anterior, superior-posterior, inferior-posterior, inferior-anterior, vertebrae sorted
@@ -529,7 +533,7 @@ def find_body_below(verts: list[DetectedVertebra], candidates: list[DetectedVert
                     max_offset: float = 0.5) -> DetectedVertebra | None:
     """The best-scoring candidate (decoded at a lower threshold) that continues the column one
     body below the lowest detection: its centroid 0.55-1.6 x the lowest pair's spacing further
-    along the column, at most half that spacing off it, overlapping no detection."""
+    along the column, at most half that spacing off it, overlapping neither of the two lowest."""
     if len(verts) < 2:
         return None
     scale = np.array([1.0, factors[0], factors[1]])  # ingested px -> isotropic network px
