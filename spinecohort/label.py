@@ -597,20 +597,36 @@ def calibrated_probabilities(raw: Sequence[float], flagged: bool, coef: Sequence
 def fit_probability_calibration(raw: Sequence[float], flagged: Sequence[bool], correct: Sequence[bool],
                                 l2: float = 1.0, iterations: int = 50) -> tuple[float, float, float]:
     """(a, b, c) of :func:`calibrated_probabilities` by L2-regularised logistic regression (Newton
-    steps; Platt scaling with the scan's flag as a second feature) on labelled bodies."""
+    steps; Platt scaling with the scan's flag as a second feature) on labelled bodies.
+
+    Monotone: a flag never raises ``level_probability`` (b <= 0) and a higher raw posterior never
+    lowers it (c >= 0). A feature whose fitted sign says otherwise carries no usable information
+    on these bodies; it is left out (coefficient 0) and the rest refitted."""
     X = np.column_stack([np.ones(len(raw)), np.asarray(flagged, float), _logit(raw)])
     y = np.asarray(correct, float)
-    w = np.zeros(3)
-    reg = l2 * np.diag([0.01, 1.0, 1.0])  # the intercept barely shrunk (finite on separable data)
+    use = [0, 1, 2]
+    while True:
+        w = _fit_logistic(X[:, use], y, l2 * np.diag([0.01 if k == 0 else 1.0 for k in use]), iterations)
+        coef = dict(zip(use, w))
+        wrong_sign = [k for k in use if (k == 1 and coef[k] > 0) or (k == 2 and coef[k] < 0)]
+        if not wrong_sign:
+            return float(coef[0]), float(coef.get(1, 0.0)), float(coef.get(2, 0.0))
+        use = [k for k in use if k not in wrong_sign]
+
+
+def _fit_logistic(X: np.ndarray, y: np.ndarray, reg: np.ndarray, iterations: int) -> np.ndarray:
+    """Newton steps of L2-regularised logistic regression (``reg``: the penalty matrix; the
+    intercept barely shrunk keeps it finite on separable data)."""
+    w = np.zeros(X.shape[1])
     for _ in range(iterations):
         p = 1 / (1 + np.exp(-X @ w))
         grad = X.T @ (p - y) + reg @ w
-        hess = (X * (p * (1 - p))[:, None]).T @ X + reg + 1e-9 * np.eye(3)
+        hess = (X * (p * (1 - p))[:, None]).T @ X + reg + 1e-9 * np.eye(X.shape[1])
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.abs(step).max() < 1e-8:
             break
-    return float(w[0]), float(w[1]), float(w[2])
+    return w
 
 
 def anchor_at_sacrum(result: BeamResult, emissions: np.ndarray, gaps: np.ndarray | None,

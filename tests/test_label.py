@@ -236,6 +236,12 @@ def test_probability_calibration_maps_raw_probabilities_and_is_fitted_from_bodie
     p_flag = calibrated_probabilities([0.99], True, (a, b, c))[0]
     p_clear = calibrated_probabilities([0.99], False, (a, b, c))[0]
     assert 0.5 < p_flag < 0.7 < 0.93 < p_clear < 0.99
+    # a flag or raw value pointing the wrong way (flagged bodies right more often, confident ones
+    # less) is left out: level_probability stays monotone, here the base rate for every body
+    odd = rng.random(600) < np.where(flagged, 0.95, 0.8) - 0.3 * (raw > 0.6)
+    a2, b2, c2 = fit_probability_calibration(raw, flagged, odd)
+    assert b2 == 0.0 and c2 == 0.0
+    assert calibrated_probabilities([0.2], True, (a2, b2, c2))[0] == pytest.approx(odd.mean(), abs=0.01)
     assert calibrated_probabilities([0.3, float("nan")], True, ()) [0] == 0.3
     assert math.isnan(calibrated_probabilities([float("nan")], False, (a, b, c))[0])
 
