@@ -47,7 +47,7 @@ cols front -> back, slices in any lateral order), the stage names every body S1,
    scaling) on leave-one-site-out labellings: a probability that holds on new sites.
 
 ``Labeller.load(appearance_path, context_path)`` reads the CPU checkpoints (``models/appearance-
-cpu-v3.pt``, ``models/context-cpu-v3.pt``); ``Labeller.official(appearance, context)`` wraps the
+cpu-v4.pt``, ``models/context-cpu-v4.pt``); ``Labeller.official(appearance, context)`` wraps the
 official AppearanceModel / ContextModel (:func:`spinecohort.nets.official.build_official`) with
 the official constants (224 x 224 x 16 crop, min/p95 normalisation, temperatures 10 / 10, context
 rows padded to a multiple of 256).

@@ -18,8 +18,8 @@ MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 #: Stage role -> file in MODELS_DIR (each has a model card ``<stem>.md`` beside it).
 DEFAULT_MODELS = {
     "detector": "detector-cpu-v6.pt",
-    "appearance": "appearance-cpu-v3.pt",
-    "context": "context-cpu-v3.pt",
+    "appearance": "appearance-cpu-v4.pt",
+    "context": "context-cpu-v4.pt",
     # v4 (SPIDER + phantoms): the product grades real discs, where v3 (phantoms only) is at chance
     # (SPIDER Pfirrmann balanced accuracy 0.20 vs v4's 0.48 in patient CV); v4 gives up 7-9 points
     # on phantom-only tasks, a trade-off written in models/grader-cpu-v4.md

@@ -40,7 +40,8 @@ Recipe (deterministic given ``--seed``):
    cycle), batch 12, 2000 steps.
 
 ``--stage all`` (default) runs the three in order and writes the appearance and context checkpoints
-(fp16 state dicts; the shipped pair is ``models/appearance-cpu-v3.pt``, ``models/context-cpu-v3.pt``).
+(fp16 state dicts; the shipped pair is ``models/appearance-cpu-v4.pt``, ``models/context-cpu-v4.pt``,
+trained with ``--spider``: ``models/appearance-cpu-v4.md`` has the command).
 Progress goes to ``--log``.
 """
 from __future__ import annotations
@@ -90,14 +91,16 @@ DEFAULT_CACHE = Path("/tmp/spinecohort-labeller-cache")
 #: (validation cases never looked at): transitional counts (L6, T13, four lumbar) at 6 nats and
 #: sacral segments at 1.5-2 nats let networks trained on phantoms shift a real spine by one at the
 #: sacrum (L5 -> S1, S1 -> S2) or insert a T13 (git 3bc86db:models/context-cpu-v2.md); with v3's networks
-#: sacral segments at 10-16 nats scored alike, 12 taken (models/context-cpu-v3.md). The logistic
+#: sacral segments at 10-16 nats scored alike, 12 taken (models/context-cpu-v4.md, History). The logistic
 #: map of level_probability was fitted the same way (``spinecohort.evaluation.labelling --calibrate-from``).
 #: Without C2 in view a transitional decoding is re-counted from the sacrum (label.count_from_sacrum):
 #: on SPIDER's lumbar slices the labeller otherwise put an L6 above the sacrum in 8 % of series; and
 #: a decoding with no sacral level is re-counted up from the lowest body the networks call S1 more
 #: than not (label.anchor_at_sacrum; the clearest such body rather than the most cranial, chosen on
-#: the held-out sites' training cases: models/context-cpu-v3.md).
-SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 12.0, "probability_calibration": (3.4289, -1.5276, 0.0212),
+#: the held-out sites' training cases: models/context-cpu-v4.md). With v4's networks (SPIDER in the
+#: recipe) neither the flag nor the raw posterior told right from wrong on the leave-one-site-out
+#: labellings, so level_probability is the fitted base rate alone.
+SHIPPED_BEAM = {"six_lumbar_penalty": 12.0, "s2_penalty": 12.0, "probability_calibration": (2.3017, 0.0, 0.0),
                 "count_from_sacrum_without_c2": True, "anchor_at_sacrum": True}
 DEFAULT_APPEARANCE = default_model_path("appearance")
 DEFAULT_CONTEXT = default_model_path("context")
