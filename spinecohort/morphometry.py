@@ -85,6 +85,10 @@ CUT_NOTE = "cut by the image border (a corner outside the image): not measured"
 #: serve the L5-S1 disc, the slip of L5 and lordosis.
 SACRAL_LEVELS = frozenset(["S1", "S2", "S3", "S4", "S5"])
 SACRAL_NOTE = "sacral segment fused to the one below (no inferior endplate): body not measured"
+#: A body the detector found only on its lower-threshold look below the column (``found_at_low_threshold``,
+#: a weak S1): it names the levels, but its outline is a weak decoding that the endplate refinement
+#: did not touch, so no measure uses its corners.
+WEAK_NOTE = "found only at the detector's lower threshold (s1_weakly_detected): its outline is not measured"
 
 #: Columns of tables/morphometry.parquet and their fixed dtypes (whatever fails).
 MORPHOMETRY_DTYPES: dict[str, str] = {
@@ -239,11 +243,12 @@ def scan_morphometry(vertebrae: Iterable[Mapping[str, Any]], pixel_spacing_mm: S
         level = level if isinstance(level, str) and level else None
         bodies.append({"vertebra_id": int(v["vertebra_id"]), "level": level, "slice": s,
                        "centroid_slice": float(v.get("centroid_slice", s)), "polygons": polys,
-                       "quad": to_mm(polys[s], pixel_spacing_mm), "cut": outside_image(polys[s], image_shape)})
+                       "quad": to_mm(polys[s], pixel_spacing_mm), "cut": outside_image(polys[s], image_shape),
+                       "weak": true_cell(v.get("found_at_low_threshold"))})
     rows: list[dict[str, Any]] = []
     by_level = {b["level"]: b for b in bodies if b["level"] in LEVEL_INDEX}
-    measures = {id(b): dict.fromkeys(body_measures(b["quad"]), math.nan) if b["cut"] or b["level"] in SACRAL_LEVELS
-                else body_measures(b["quad"]) for b in bodies}
+    measures = {id(b): dict.fromkeys(body_measures(b["quad"]), math.nan)
+                if b["cut"] or b["weak"] or b["level"] in SACRAL_LEVELS else body_measures(b["quad"]) for b in bodies}
 
     def neighbour(level: str, step: int) -> dict | None:
         index = LEVEL_INDEX[level] + step
@@ -268,7 +273,8 @@ def scan_morphometry(vertebrae: Iterable[Mapping[str, Any]], pixel_spacing_mm: S
                      "height_loss": loss, "height_loss_kind": kind,
                      "genant_grade": grade,
                      "morphometric_fracture": (grade >= 1) if np.isfinite(grade) else None,
-                     "note": CUT_NOTE if b["cut"] else SACRAL_NOTE if b["level"] in SACRAL_LEVELS else
+                     "note": CUT_NOTE if b["cut"] else WEAK_NOTE if b["weak"] else
+                     SACRAL_NOTE if b["level"] in SACRAL_LEVELS else
                      MORPHOMETRIC_NOTE if np.isfinite(grade) and grade >= 1 else
                      ("" if graded or b["level"] is None else f"{b['level']}: outside the height-loss graded range T4-L5")})
     # discs, cranial first: each labelled body with the labelled body directly below it
@@ -290,10 +296,17 @@ def scan_morphometry(vertebrae: Iterable[Mapping[str, Any]], pixel_spacing_mm: S
         if outside_image(np.concatenate([np.asarray(upper["polygons"][su])[[IP, IA]],
                                          np.asarray(lower["polygons"][sl])[[SA, SP]]]), image_shape):
             disc, note = dict.fromkeys(disc, math.nan), CUT_NOTE
+        elif upper["weak"] or lower["weak"]:
+            disc, note = dict.fromkeys(disc, math.nan), WEAK_NOTE
         rows.append({"kind": "disc", "level": f"{upper['level']}-{lower['level']}", "vertebra_id": upper["vertebra_id"],
                      "lower_vertebra_id": lower["vertebra_id"], "slice": su, "slice_lower": sl, **disc, "note": note})
     rows.append(lordosis_row(by_level, image_shape))
     return rows
+
+
+def true_cell(value: Any) -> bool:
+    """A table's boolean cell: absent, null or NaN count as False."""
+    return isinstance(value, (bool, np.bool_)) and bool(value)
 
 
 def _in_view(levels: Iterable[str]) -> str:
@@ -313,6 +326,9 @@ def lordosis_row(by_level: Mapping[str, Mapping[str, Any]], image_shape: Sequenc
     cut = [lv for lv, b in (("L1", l1), ("S1", s1)) if outside_image(np.asarray(b["polygons"][b["slice"]])[[SA, SP]], image_shape)]
     if cut:
         row["note"] = f"lordosis not measured: the superior endplate of {' and '.join(cut)} is cut by the image border"
+        return row
+    if l1["weak"] or s1["weak"]:
+        row["note"] = "lordosis not measured: S1 " + WEAK_NOTE
         return row
     row["lordosis_deg"] = lordotic_angle(l1["quad"][SA], l1["quad"][SP], s1["quad"][SA], s1["quad"][SP],
                                          handedness(s1["quad"]))
@@ -379,7 +395,9 @@ def cohort_morphometry(scans: pd.DataFrame, vertebrae: pd.DataFrame) -> pd.DataF
             rows.append({**keys, **lordosis_row({})})
             continue
         try:
-            records = part[["vertebra_id", "level", "centroid_slice", "polygons"]].to_dict("records")
+            columns = ["vertebra_id", "level", "centroid_slice", "polygons"]
+            columns += [c for c in ("found_at_low_threshold",) if c in part.columns]
+            records = part[columns].to_dict("records")
             rows += [{**keys, **r} for r in scan_morphometry(records, spacing, _shape(scan))]
         except Exception as error:  # noqa: BLE001 - one scan's bad landmarks never stop the cohort table
             rows.append({**keys, "kind": "scan", "level": "L1-S1", "lordosis_deg": math.nan,

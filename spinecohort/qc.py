@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .ingest import Series  # noqa: E402
+from .morphometry import true_cell  # noqa: E402
 from .provenance import atomic_write_bytes  # noqa: E402
 
 
@@ -49,8 +50,7 @@ def render_qc(series: Series, vertebrae: pd.DataFrame | None, discs: pd.DataFram
             continue
         closed = np.vstack([corners, corners[:1]])
         # a body found only at the detector's lower threshold (a weak S1) is dotted: check it first
-        weak = vertebra.get("found_at_low_threshold", False)
-        weak = isinstance(weak, (bool, np.bool_)) and bool(weak)  # absent or null: a normal detection
+        weak = true_cell(vertebra.get("found_at_low_threshold"))
         axis.plot(closed[:, 1], closed[:, 0], color="#00e5ff", linewidth=1.0, linestyle=":" if weak else "-")
         label = vertebra.get("level")
         if isinstance(label, str) and label:

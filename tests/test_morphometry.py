@@ -135,6 +135,21 @@ def test_no_s1_in_view_lordosis_nan_with_reason():
     assert "S1 not in view" in scan["note"] and scan["in_view"] == "T12,L1,L2,L3"
 
 
+def test_a_weakly_detected_s1_names_levels_but_is_not_measured():
+    recs = column(overrides={"S1": body_mm(400.0, 100.0, 25.0, 25.0, 35.0, tilt_deg=40.0)})
+    for r in recs:
+        r["found_at_low_threshold"] = r["level"] == "S1"
+    rows = mm.scan_morphometry(recs, SPACING)
+    scan, disc = by(rows, "scan", "L1-S1"), by(rows, "disc", "L5-S1")
+    assert math.isnan(scan["lordosis_deg"]) and "lower threshold" in scan["note"]
+    assert math.isnan(disc["endplate_angle_deg"]) and disc["note"] == mm.WEAK_NOTE
+    assert by(rows, "vertebra", "S1")["note"] == mm.WEAK_NOTE
+    assert np.isfinite(by(rows, "disc", "L4-L5")["endplate_angle_deg"])  # the rest is measured as before
+    for r in recs:
+        r["found_at_low_threshold"] = float("nan")  # a null cell is a normal detection
+    assert by(mm.scan_morphometry(recs, SPACING), "scan", "L1-S1")["lordosis_deg"] == pytest.approx(40.0)
+
+
 def test_mid_slice_is_nearest_polygon_to_centroid():
     rec = record(0, "L3", body_mm(300.0, 100.0, 25.0, 25.0, 35.0), slices=(3, 4, 9), centroid_slice=7.2)
     assert mm.scan_morphometry([rec], SPACING)[0]["slice"] == 9
