@@ -36,9 +36,7 @@ def main() -> None:
         t0 = time.perf_counter()
         dets = detector.detect(scan.volume, sp)
         t1 = time.perf_counter()
-        labels = labeller.label(scan.volume, sp, scan.slice_spacing_mm,
-                                [{"polygons": d.polygons, "centroid": d.centroid,
-                                  "found_at_low_threshold": d.found_at_low_threshold} for d in dets])
+        labels = labeller.label(scan.volume, sp, scan.slice_spacing_mm, dets)
         t2 = time.perf_counter()
         det_t.append(t1 - t0)
         lab_t.append(t2 - t1)

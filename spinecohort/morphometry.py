@@ -396,7 +396,8 @@ def cohort_morphometry(scans: pd.DataFrame, vertebrae: pd.DataFrame) -> pd.DataF
             continue
         try:
             columns = ["vertebra_id", "level", "centroid_slice", "polygons"]
-            columns += [c for c in ("found_at_low_threshold",) if c in part.columns]
+            if "found_at_low_threshold" in part.columns:  # absent in tables written before the search
+                columns.append("found_at_low_threshold")
             records = part[columns].to_dict("records")
             rows += [{**keys, **r} for r in scan_morphometry(records, spacing, _shape(scan))]
         except Exception as error:  # noqa: BLE001 - one scan's bad landmarks never stop the cohort table

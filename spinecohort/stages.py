@@ -14,6 +14,7 @@ from . import ingest as ingest_mod
 from .config_keys import STAGE_KEYS
 from .pipeline.context import ScanContext, Stage
 from .models import load_models
+from .morphometry import true_cell
 
 
 class DeviceError(RuntimeError):
@@ -84,7 +85,7 @@ def canonical_vertebrae(scan: ScanContext, rows: pd.DataFrame) -> list[dict]:
         vertebrae.append({"vertebra_id": int(row["vertebra_id"]), "level": row.get("level"),
                           "polygons": scan.canonical.flip_polygons(stored),
                           "centroid": tuple(float(v) for v in centroid),
-                          "found_at_low_threshold": bool(row.get("found_at_low_threshold", False))})
+                          "found_at_low_threshold": true_cell(row.get("found_at_low_threshold"))})
     return vertebrae
 
 

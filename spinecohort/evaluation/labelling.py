@@ -121,8 +121,7 @@ def evaluate_scan(volume, spacing, slice_spacing, gt: Sequence[GTBody], labeller
                 low = max(gt, key=lambda g: g.centre_mm[0])
                 limit = low.centre_mm[0] + 0.5 * low.height_mm
                 dets = [d for d in dets if d.centroid[1] * spacing[0] <= limit]
-            verts = [{"polygons": d.polygons, "centroid": d.centroid,
-                      "found_at_low_threshold": d.found_at_low_threshold} for d in dets]
+            verts = dets  # label_scan reads polygons, centroid and found_at_low_threshold off each
             centres = np.array([[d.centroid[1] * spacing[0], d.centroid[2] * spacing[1]] for d in dets]).reshape(-1, 2)
         elif mode == "perturbed":
             from ..label import vertebra_geometry
