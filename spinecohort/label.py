@@ -760,11 +760,14 @@ def build_appearance_net(cfg: AppearanceConfig) -> nn.Module:
 
         return build_official("appearance")
     if cfg.arch == "cpu":
-        from .nets.labeller_cpu import CPUAppearanceNet
+        from .nets.labeller_cpu import AppearanceEnsemble, CPUAppearanceNet
 
         kw = dict(cfg.arch_kwargs)
+        members = int(kw.pop("members", 1))  # > 1: an AppearanceEnsemble of that many nets
         kw.setdefault("n_slices", cfg.grid[0])
         kw.setdefault("n_scalars", 2 if cfg.size_features else 0)
+        if members > 1:
+            return AppearanceEnsemble([CPUAppearanceNet(**kw) for _ in range(members)])
         return CPUAppearanceNet(**kw)
     raise ValueError(f"unknown appearance architecture {cfg.arch!r} (expected 'cpu' or 'official')")
 

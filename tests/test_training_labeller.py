@@ -79,3 +79,68 @@ def test_spider_pseudo_items_add_a_tightly_framed_copy_ending_inside_or_below_s1
     assert s1[1] + 0.3 * (s1[2] - s1[1]) - 1 <= tight["height_mm"] <= s1[2] + 0.5 * (s1[2] - s1[1]) + 1
     assert LEVEL_INDEX["S1"] in tight["geometry"][:, 0]
     assert (tight["geometry"][:, 1] < tight["height_mm"]).all()
+
+
+def _random_appearance_checkpoint(path, seed, cfg=None):
+    import torch
+
+    from spinecohort.label import AppearanceConfig, build_appearance_net, save_labeller_checkpoint
+
+    torch.manual_seed(seed)
+    cfg = cfg or AppearanceConfig()
+    net = build_appearance_net(cfg)
+    save_labeller_checkpoint(path, net, cfg, {"seed": seed})
+    return path
+
+
+def test_an_appearance_ensemble_reads_as_the_mean_of_its_members_log_probabilities(tmp_path):
+    import pytest
+    import torch
+
+    from spinecohort.label import APPEARANCE_FORMAT, AppearanceConfig, build_appearance_net, load_labeller_net
+    from spinecohort.nets.labeller_cpu import AppearanceEnsemble
+    from spinecohort.training.labeller import combine_appearance
+
+    paths = [_random_appearance_checkpoint(tmp_path / f"member{k}.pt", k) for k in range(3)]
+    out = combine_appearance(paths, tmp_path / "ensemble.pt")
+    ensemble, cfg, meta = load_labeller_net(out, APPEARANCE_FORMAT, AppearanceConfig, build_appearance_net)
+    assert isinstance(ensemble, AppearanceEnsemble) and cfg.arch_kwargs["members"] == 3
+    assert [m["file"] for m in meta["members"]] == ["member0.pt", "member1.pt", "member2.pt"]
+    assert all(len(m["sha256"]) == 64 and m["meta"]["seed"] == k for k, m in enumerate(meta["members"]))
+
+    x = torch.rand(5, 1, *cfg.grid)
+    f = torch.randn(5, 2)
+    with torch.no_grad():
+        members = [load_labeller_net(p, APPEARANCE_FORMAT, AppearanceConfig, build_appearance_net)[0] for p in paths]
+        expected = torch.stack([torch.log_softmax(m(x, f), 1) for m in members]).mean(0)
+        got = ensemble(x, f)
+    assert torch.allclose(got, expected, atol=1e-5)
+    # members differ, so the ensemble is not any one of them
+    assert not torch.allclose(got, torch.log_softmax(members[0](x, f), 1), atol=1e-3)
+
+    with pytest.raises(ValueError, match="at least two"):
+        combine_appearance(paths[:1], tmp_path / "one.pt")
+    with pytest.raises(ValueError, match="already an ensemble"):
+        combine_appearance([out, paths[0]], tmp_path / "nested.pt")
+    other = _random_appearance_checkpoint(tmp_path / "other.pt", 9, AppearanceConfig(inplane_extent=0.5))
+    with pytest.raises(ValueError, match="configuration differs"):
+        combine_appearance([paths[0], other], tmp_path / "mixed.pt")
+
+
+def test_rotation_augmentation_turns_the_crop_and_is_off_by_default():
+    from spinecohort.training.labeller import augment_batch
+
+    x = np.zeros((1, 2, 48, 48), np.float32)
+    x[:, :, 23:25, 4:44] = 1.0  # a horizontal bar, like an endplate
+
+    def tilt(v):  # angle of the bar's principal axis from the rows, degrees (inversion-proof)
+        d = np.abs(v - np.median(v))
+        rows, cols = np.unravel_index(np.argsort(d, axis=None)[-80:], d.shape)
+        w, e = np.linalg.eigh(np.cov(np.stack([cols - cols.mean(), rows - rows.mean()])))
+        t = abs(np.degrees(np.arctan2(e[1, -1], e[0, -1]))) % 180
+        return min(t, 180 - t)
+
+    flat = [tilt(augment_batch(x, np.random.default_rng(s))[0, 0]) for s in range(8)]
+    turned = [tilt(augment_batch(x, np.random.default_rng(s), rotate_deg=30)[0, 0]) for s in range(8)]
+    assert max(flat) < 3.0
+    assert max(turned) > 8.0 and max(turned) < 33.0

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CPUAppearanceNet", "CPUContextNet", "N_LEVELS"]
+__all__ = ["AppearanceEnsemble", "CPUAppearanceNet", "CPUContextNet", "N_LEVELS"]
 
 N_LEVELS = 24
 
@@ -73,6 +73,22 @@ class CPUAppearanceNet(nn.Module):
                 scalars = torch.zeros(b, self.n_scalars, dtype=feat.dtype, device=feat.device)
             feat = torch.cat([feat, scalars.to(feat.dtype)], dim=1)
         return self.head(feat)
+
+
+class AppearanceEnsemble(nn.Module):
+    """Several appearance nets of one architecture, trained apart (different augmentation draws),
+    read as one: the mean of their log-softmax outputs (a geometric mean of their probabilities,
+    returned as logits). Averaging members that err on different bodies steadies the level
+    evidence on scanners none of them saw (Lakshminarayanan et al. 2017, deep ensembles)."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("an appearance ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor, scalars: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.stack([F.log_softmax(m(x, scalars), dim=1) for m in self.members]).mean(dim=0)
 
 
 def _c1(cin: int, cout: int, k: int = 5, dilation: int = 1) -> nn.Sequential:

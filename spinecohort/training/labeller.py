@@ -78,6 +78,7 @@ from ..tasks import LEVEL_INDEX, LEVELS
 
 __all__ = [
     "DEFAULT_CACHE",
+    "combine_appearance",
     "prepare_synthetic",
     "public_lumbar_items",
     "train_appearance",
@@ -368,14 +369,20 @@ def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: Appeara
 # ---------------------------------------------------------------------------------------------
 # appearance training
 # ---------------------------------------------------------------------------------------------
-def augment_batch(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(B, S, R, C) normalised volumes: lateral mirror, inversion, gamma, contrast, blur, noise."""
+def augment_batch(x: np.ndarray, rng: np.random.Generator, rotate_deg: float = 0.0) -> np.ndarray:
+    """(B, S, R, C) normalised volumes: lateral mirror, in-plane rotation by U(-rotate_deg,
+    rotate_deg) about the crop centre (when > 0), inversion, gamma, contrast, blur, noise."""
     x = x.copy()
     b = len(x)
     for i in range(b):
         v = x[i]
         if rng.random() < 0.5:
             v = v[::-1]
+        if rotate_deg > 0:
+            from scipy import ndimage
+
+            v = ndimage.rotate(v, rng.uniform(-rotate_deg, rotate_deg), axes=(1, 2), reshape=False,
+                               order=1, mode="nearest")
         if rng.random() < 0.25:  # contrast inversion (T1 vs T2 / STIR marrow) around the robust range
             v = 1.0 - v
         g = math.exp(rng.normal(0, 0.25))
@@ -416,7 +423,8 @@ def evaluate_appearance(net, crops, feats, labels, batch: int = 256) -> tuple[fl
 
 def train_appearance(syn: list[dict], public: list[dict], public_val: list[dict], *, steps: int,
                      batch: int = 32, lr: float = 3e-3, seed: int = 0, public_weight: float = 0.25,
-                     cfg: AppearanceConfig | None = None, log=print, minutes: float | None = None):
+                     cfg: AppearanceConfig | None = None, log=print, minutes: float | None = None,
+                     rotate_deg: float = 0.0):
     cfg = cfg or AppearanceConfig()
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 1])
@@ -442,7 +450,7 @@ def train_appearance(syn: list[dict], public: list[dict], public_val: list[dict]
         if n_pub:
             i_p = rng.integers(0, len(pl), n_pub)
             xs.append(pc[i_p]); fs.append(pf[i_p]); ys.append(pl[i_p])
-        x = augment_batch(_dequantize(np.concatenate(xs)), rng)
+        x = augment_batch(_dequantize(np.concatenate(xs)), rng, rotate_deg)
         # + a shared subject-size shift: real spines are larger than the phantoms' and vary more
         # (lower thoracic bodies by ~20 %), so absolute size must not name a level on its own
         f = (np.concatenate(fs) + rng.normal(0, 0.03, (len(x), 2)) + rng.normal(0, SIZE_SHIFT_SD, (len(x), 1))
@@ -625,6 +633,34 @@ def train_context(sampler: ContextSampler, *, steps: int, batch: int = 12, lr: f
     return net
 
 
+def combine_appearance(member_paths: Sequence[str | Path], out: str | Path, argv: Sequence[str] = ()) -> Path:
+    """One appearance checkpoint holding several trained appearance nets as an
+    :class:`spinecohort.nets.labeller_cpu.AppearanceEnsemble` (``arch_kwargs.members``). The
+    members must share the configuration; each one's file name, sha256 and metadata are kept."""
+    from ..label import APPEARANCE_FORMAT, load_labeller_net
+    from ..nets.labeller_cpu import AppearanceEnsemble
+    from ..provenance import sha256_file
+
+    nets, metas, cfg = [], [], None
+    for path in member_paths:
+        net, member_cfg, meta = load_labeller_net(path, APPEARANCE_FORMAT, AppearanceConfig, build_appearance_net)
+        if isinstance(net, AppearanceEnsemble):
+            raise ValueError(f"{path}: already an ensemble; combine single networks")
+        if cfg is not None and member_cfg.to_dict() != cfg.to_dict():
+            raise ValueError(f"{path}: configuration differs from {member_paths[0]}")
+        cfg = member_cfg
+        nets.append(net)
+        metas.append({"file": Path(path).name, "sha256": sha256_file(path), "meta": meta})
+    if cfg is None or len(nets) < 2:
+        raise ValueError("an appearance ensemble needs at least two member checkpoints")
+    cfg = replace(cfg, arch_kwargs={**cfg.arch_kwargs, "members": len(nets)})
+    ensemble = build_appearance_net(cfg)
+    ensemble.load_state_dict(AppearanceEnsemble(nets).state_dict(), strict=True)
+    save_labeller_checkpoint(out, ensemble, cfg, {"recipe": "spinecohort.training.labeller --stage ensemble",
+                                                  "argv": list(argv), "members": metas})
+    return Path(out)
+
+
 def heldout_logits(net, syn: list[dict]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], list[dict]]:
     """Per-level pools and per-scan (mean over jitters) logits of the held-out synthetic scans."""
     pools: dict[int, list] = {}
@@ -652,8 +688,11 @@ def heldout_logits(net, syn: list[dict]) -> tuple[dict[int, np.ndarray], dict[in
 # ---------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="spinecohort train labeller", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", choices=["prepare", "appearance", "context", "all", "beam"], default="all",
-                   help="beam: only rewrite the beam-search penalties stored in --context-out")
+    p.add_argument("--stage", choices=["prepare", "appearance", "context", "all", "beam", "ensemble"], default="all",
+                   help="beam: only rewrite the beam-search penalties stored in --context-out; ensemble: "
+                        "combine the --ensemble-members appearance checkpoints into --appearance-out")
+    p.add_argument("--ensemble-members", nargs="+", default=None, metavar="APPEARANCE",
+                   help="with --stage ensemble: trained appearance checkpoints read as one (mean log-probabilities)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--n-synthetic", type=int, default=400)
     p.add_argument("--k-jitter", type=int, default=3)
@@ -693,6 +732,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    default=SHIPPED_BEAM["anchor_at_sacrum"],
                    help="without C2 in view, count up from the lowest body the networks call S1 most clearly "
                         "when the decoding does not")
+    p.add_argument("--rotate-deg", type=float, default=0.0,
+                   help="appearance augmentation: rotate each volume in-plane by up to this many degrees")
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     beam = replace(BeamConfig(), six_lumbar_penalty=args.variant_penalty, t13_penalty=args.variant_penalty,
@@ -700,6 +741,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    sacral_penalty=args.sacral_penalty,
                    probability_calibration=tuple(args.probability_calibration),
                    count_from_sacrum_without_c2=args.count_from_sacrum, anchor_at_sacrum=args.anchor_at_sacrum)
+    if args.stage == "ensemble":
+        if not args.ensemble_members:
+            raise SystemExit("--stage ensemble needs --ensemble-members")
+        out = combine_appearance(args.ensemble_members, args.appearance_out,
+                                 list(argv if argv is not None else sys.argv[1:]))
+        print(f"appearance ensemble of {len(args.ensemble_members)} nets written to {out}")
+        return 0
     if args.stage == "beam":
         from ..label import CONTEXT_FORMAT, load_labeller_net
 
@@ -746,7 +794,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"public-lumbar not available ({e}); synthetic only")
         t0 = time.time()
         net = train_appearance(syn, pub + pub_det + spider, pub_val, steps=args.appearance_steps, seed=args.seed,
-                               public_weight=args.public_weight, cfg=acfg, log=log, minutes=args.minutes)
+                               public_weight=args.public_weight, cfg=acfg, log=log, minutes=args.minutes,
+                               rotate_deg=args.rotate_deg)
         va = [it for it in syn if is_heldout_seed(int(it["seed"]))]
         metrics = {}
         if va:
