@@ -641,6 +641,8 @@ def combine_appearance(member_paths: Sequence[str | Path], out: str | Path, argv
     from ..nets.labeller_cpu import AppearanceEnsemble
     from ..provenance import sha256_file
 
+    if len(member_paths) < 2:
+        raise ValueError("an appearance ensemble needs at least two member checkpoints")
     nets, metas, cfg = [], [], None
     for path in member_paths:
         net, member_cfg, meta = load_labeller_net(path, APPEARANCE_FORMAT, AppearanceConfig, build_appearance_net)
@@ -651,11 +653,9 @@ def combine_appearance(member_paths: Sequence[str | Path], out: str | Path, argv
         cfg = member_cfg
         nets.append(net)
         metas.append({"file": Path(path).name, "sha256": sha256_file(path), "meta": meta})
-    if cfg is None or len(nets) < 2:
-        raise ValueError("an appearance ensemble needs at least two member checkpoints")
+    # build_appearance_net rebuilds this same module from arch_kwargs.members when it is loaded
     cfg = replace(cfg, arch_kwargs={**cfg.arch_kwargs, "members": len(nets)})
-    ensemble = build_appearance_net(cfg)
-    ensemble.load_state_dict(AppearanceEnsemble(nets).state_dict(), strict=True)
+    ensemble = AppearanceEnsemble(nets)
     save_labeller_checkpoint(out, ensemble, cfg, {"recipe": "spinecohort.training.labeller --stage ensemble",
                                                   "argv": list(argv), "members": metas})
     return Path(out)
