@@ -10,7 +10,8 @@ import torch
 from spinecohort.discs import IVV_SHAPE
 from spinecohort.grade import Grader, save_grader
 from spinecohort.nets.grader_cpu import GraderCPU
-from spinecohort.nets.grader_slices import GraderSlices, build_grader_net, init_from_3d, valid_slices
+from spinecohort.nets.grader_slices import (GraderEnsemble, GraderSlices, build_grader_net, first_member, init_from_3d,
+                                            valid_slices)
 from spinecohort.tasks import TASKS
 
 
@@ -70,6 +71,39 @@ def test_load_through_grader_weights_only(net, tmp_path):
     assert heat.shape == IVV_SHAPE
     assert np.all(heat[[0, 1, 2, 3, 5, 6, 7, 8]] == 0)  # padding slices stay padding
     assert heat[4].max() > 0
+
+
+def test_ensemble_is_the_geometric_mean_of_its_members_and_round_trips(net, tmp_path):
+    torch.manual_seed(1)
+    other = GraderSlices().eval()
+    from spinecohort.training.grader_real import combine_graders
+
+    a = save_grader(tmp_path / "a.pt", net, {"trained_on": {"spider": "x"}}, half=False)
+    b = save_grader(tmp_path / "b.pt", other, half=False)
+    path = combine_graders([a, b], tmp_path / "ens.pt")
+    g = Grader.load(path)
+    assert isinstance(g.net, GraderEnsemble) and len(g.net.members) == 2
+    assert [m["file"] for m in g.meta["members"]] == ["a.pt", "b.pt"] and g.meta["trained_on"] == {"spider": "x"}
+    with pytest.raises(ValueError):
+        combine_graders([a], tmp_path / "one.pt")
+    ivv = np.random.default_rng(4).random(IVV_SHAPE).astype(np.float32)
+    p_ens = g.grade([ivv], tta=1)[0]
+    p_a = Grader(net).grade([ivv], tta=1)[0]
+    p_b = Grader(other).grade([ivv], tta=1)[0]
+    for t in TASKS:  # normalised geometric mean of the members' class probabilities
+        geo = np.sqrt(p_a[t.name] * p_b[t.name])
+        np.testing.assert_allclose(p_ens[t.name], geo / geo.sum(), rtol=2e-3, atol=1e-4)  # fp16 weights
+    assert g.hotspots(ivv, "Herniation", n_aug=1).shape == IVV_SHAPE
+    # fine-tuning from an ensemble starts from its first member
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    arch, state = first_member(payload["arch"], payload["state_dict"])
+    assert arch == net.arch
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(state[k].to(v.dtype), v, rtol=1e-3, atol=1e-3)  # stored as fp16
+    with pytest.raises(ValueError):
+        build_grader_net({"name": "ensemble", "members": []})
+    with pytest.raises(ValueError):
+        build_grader_net({"name": "ensemble", "members": [payload["arch"]]})
 
 
 def test_old_arch_still_builds_the_3d_grader():
@@ -147,12 +181,14 @@ def test_fit_with_task_mask_and_aux_is_deterministic():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_team_cv_fine_tunes_a_slice_pooled_checkpoint(net, tmp_path):
-    """`snakemake train_grader` with init_weights = a slice-pooled checkpoint (e.g. the shipped one):
-    cross_validate takes the architecture from the checkpoint, and the fold models keep it."""
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_team_cv_fine_tunes_a_slice_pooled_checkpoint(net, tmp_path, ensemble):
+    """`snakemake train_grader` with init_weights = a slice-pooled checkpoint (e.g. the shipped one,
+    an ensemble: its first member): cross_validate takes the architecture from the checkpoint, and
+    the fold models keep it."""
     from spinecohort.training.grader import TrainConfig, cross_validate
 
-    init = save_grader(tmp_path / "init.pt", net)
+    init = save_grader(tmp_path / "init.pt", GraderEnsemble([net.arch, net.arch]) if ensemble else net)
     rng = np.random.default_rng(0)
     rows, labels = [], []
     for i in range(4):

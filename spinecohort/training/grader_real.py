@@ -413,6 +413,60 @@ def stage_final(run: _Run, out: str | Path, tta: int = 4, command: str = "") -> 
     return Path(out)
 
 
+def combine_graders(member_paths: Sequence[str | Path], out: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
+    """Save the graders at ``member_paths`` as one :class:`~spinecohort.nets.grader_slices.GraderEnsemble`
+    checkpoint at ``out``; its meta lists each member (file, sha256, meta) and keeps the first
+    member's ``trained_on`` (what the report's first screen shows)."""
+    import hashlib
+
+    from ..grade import Grader, save_grader
+    from ..nets.grader_slices import GraderEnsemble
+
+    if len(member_paths) < 2:
+        raise ValueError(f"an ensemble needs at least two members, got {len(member_paths)}")
+    graders = [Grader.load(p) for p in member_paths]
+    ens = GraderEnsemble([g.net.arch for g in graders])
+    for member, g in zip(ens.members, graders):
+        member.load_state_dict(g.net.state_dict())
+    info = [{"file": Path(p).name, "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest(), "meta": g.meta}
+            for p, g in zip(member_paths, graders)]
+    full = {"model": Path(out).stem, "members": info, **({"trained_on": graders[0].meta["trained_on"]}
+                                                          if "trained_on" in graders[0].meta else {}),
+            **dict(meta or {})}
+    return save_grader(out, ens, full)
+
+
+def stage_ensemble(run: _Run, member_works: Sequence[str | Path], tta: int = 4) -> None:
+    """Cross-validate an ensemble of runs trained on the same patient folds: per fold, the members'
+    fold models (``W/grader-*-fold<f>.pt``) combined (:func:`combine_graders`) predict that fold's
+    held-out patients -> ``work/oof_fold<f>.parquet`` and ``work/grader-ens-fold<f>.pt``, so
+    ``--stage report`` scores the ensemble as it would run. Each member must have held out exactly
+    this fold's patients (``W/oof_fold<f>.parquet``): no member saw a patient it predicts."""
+    from ..grade import Grader
+    from .grader import predict_probs
+
+    X, keys, *_ = run.spider
+    folds = run.folds()
+    for f in range(run.k):
+        te = np.flatnonzero(folds == f)
+        held = set(keys.iloc[te]["subject_id"].astype(str))
+        paths = []
+        for w in map(Path, member_works):
+            member_held = set(pd.read_parquet(w / f"oof_fold{f}.parquet")["subject_id"].astype(str))
+            if member_held != held:
+                raise ValueError(f"{w}: fold {f} held out other patients than this run's fold {f}")
+            found = sorted(w.glob(f"grader-*-fold{f}.pt"))
+            if len(found) != 1:
+                raise FileNotFoundError(f"{w}: expected one grader-*-fold{f}.pt, found {len(found)}")
+            paths.append(found[0])
+        path = combine_graders(paths, run.work / f"grader-ens-fold{f}.pt", {"fold": f, "k": run.k, "seed": run.seed})
+        probs = predict_probs(Grader.load(path).net, X[te], tta=tta)
+        df = predictions_frame(keys.iloc[te].reset_index(drop=True), probs, {"fold": f, "model_id": f"ens-fold{f}"})
+        df.to_parquet(run.work / f"oof_fold{f}.parquet", index=False)
+        (run.work / f"fold{f}.json").write_text(json.dumps({"members": [str(p) for p in paths], "n_test": int(len(te))}))
+        run.log(f"fold {f}: ensemble of {len(paths)} fold models -> {run.work / f'oof_fold{f}.parquet'}")
+
+
 def stage_rescore(run: _Run, earlier_work: str | Path, name: str = BASELINE, tta: int = 4) -> Path:
     """An earlier run's cross-validation fold models on today's IVVs -> ``work/oof_<name>.parquet``:
     each patient predicted by the fold model that did not train on it, by the fold that run
@@ -616,13 +670,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m spinecohort.training.grader_real", description=__doc__.split("\n\n")[0])
     p.add_argument("--spider", required=True, help="SPIDER mid-sagittal folder (series.csv, grades.csv, images/)")
     p.add_argument("--work", default="/tmp/i14b", help="cache and outputs outside the repository")
-    p.add_argument("--stage", choices=["cv", "rescore", "final", "predict", "report", "card", "inner", "all"],
+    p.add_argument("--stage", choices=["cv", "ensemble", "rescore", "final", "predict", "report", "card", "inner", "all"],
                    default="all",
                    help="inner: settings check on an inner patient split of outer fold 0's training patients")
     p.add_argument("--folds", type=int, nargs="*", default=None, help="with --stage cv: which folds (default all)")
     p.add_argument("--out", default=None, help=f"final model path (default models/grader-cpu-{NEW}.pt)")
     p.add_argument("--baseline-work", default=None,
                    help=f"the {BASELINE} run's --work (its oof_fold*.parquet and grader-*-fold*.pt), re-scored on these IVVs")
+    p.add_argument("--members", nargs="*", default=None,
+                   help="with --stage ensemble: member runs' --work folders (same folds), cross-validated together")
+    p.add_argument("--member-weights", nargs="*", default=None,
+                   help="with --stage ensemble: the members' final models, combined into --out")
     p.add_argument("--k", type=int, default=DEFAULT_K)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -658,6 +716,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stage in ("cv", "all"):
         for f in (args.folds if args.folds else range(run.k)):
             stage_cv_fold(run, f, args.tta)
+    if args.stage == "ensemble":
+        if not args.members or len(args.members) < 2:
+            raise SystemExit("--stage ensemble needs --members W1 W2 ... (two or more runs' work folders)")
+        stage_ensemble(run, args.members, args.tta)
+        if args.member_weights:
+            combine_graders(args.member_weights, out, {"command": "python -m spinecohort.training.grader_real " + " ".join(argv)})
+            log(f"final: wrote {out} (ensemble of {len(args.member_weights)})")
     if args.stage in ("rescore", "all"):
         if not args.baseline_work:
             raise SystemExit(f"--stage {args.stage} needs --baseline-work (the {BASELINE} run's work folder)")

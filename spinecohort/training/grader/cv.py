@@ -25,25 +25,33 @@ def patient_folds(subjects: Sequence[str], k: int, seed: int) -> np.ndarray:
 
 
 def load_init_state(init_weights) -> dict | None:
-    """The state dict to start from: a checkpoint path read, a dict as given, None for scratch."""
+    """The state dict to start from: a checkpoint path read (an ensemble's first member), a dict as
+    given, None for scratch."""
     if init_weights is None:
         return None
     import torch
 
+    from ...nets.grader_slices import first_member
+
     if isinstance(init_weights, dict):
         return init_weights
     payload = torch.load(init_weights, map_location="cpu", weights_only=True)
-    return payload["state_dict"] if isinstance(payload, dict) and "state_dict" in payload else payload
+    if isinstance(payload, dict) and "state_dict" in payload:
+        return first_member(payload.get("arch") or {}, payload["state_dict"])[1]
+    return payload
 
 
 def init_arch(init_weights, default: dict) -> dict:
-    """The architecture of the checkpoint to start from (``default`` without one)."""
+    """The architecture of the checkpoint to start from (``default`` without one; an ensemble's
+    first member)."""
     if init_weights is None or isinstance(init_weights, dict):
         return default
     import torch
 
+    from ...nets.grader_slices import first_member
+
     payload = torch.load(init_weights, map_location="cpu", weights_only=True)
-    return dict(payload.get("arch") or default) if isinstance(payload, dict) else default
+    return first_member(payload.get("arch") or default, {})[0] if isinstance(payload, dict) else default
 
 
 def cross_validate(ivv_table: pd.DataFrame | str | Path, labels: pd.DataFrame | str | Path, k: int = 5,
