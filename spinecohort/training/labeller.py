@@ -259,12 +259,14 @@ def public_lumbar_items(split: str = "train", k_jitter: int = 6, cfg: Appearance
 
 def public_lumbar_detector_items(detector, split: str = "train", k_jitter: int = 6,
                                  cfg: AppearanceConfig | None = None, seed: int = 0, root=None,
-                                 log=print, exclude_sources: Sequence[str] = ()) -> list[dict]:
+                                 log=print, exclude_sources: Sequence[str] = (),
+                                 tight_share: float = 0.0) -> list[dict]:
     """Appearance items of public-lumbar cases from the detector's output: detections matched to
     an annotated body take its level (and keep the detector's polygons), and the visible but
     unannotated neighbours the detector finds right below / above the annotated span
     (:func:`spinecohort.publiclumbar.neighbour_bodies`: S1 below L5, T12 above L1, T10 above T11)
-    are supervised with their level. Other detections are not used."""
+    are supervised with their level. Other detections are not used. A ``tight_share`` of the cases
+    with an S1 is added a second time cut tightly below it (:func:`tight_cut_items`)."""
     from ..evaluation.labelling import gt_from_polys, match_bodies
     from ..publiclumbar import list_cases, load_case, neighbour_bodies
 
@@ -293,7 +295,13 @@ def public_lumbar_detector_items(detector, split: str = "train", k_jitter: int =
         items = _scan_items(case.volume, sp, verts, rng, cfg, k_jitter, strength=0.5)
         items.update(seed=-1, fov="public-lumbar", name=ref.name, height_mm=case.volume.shape[1] * sp[0])
         out.append(items)
-    log(f"public-lumbar {split} via the detector: {len(out)} cases, {n_extra} S1 / upper-neighbour bodies added")
+        if tight_share > 0 and any(v[0] == "S1" for v in verts) and rng.random() < tight_share:
+            items = tight_cut_items(case.volume, sp, verts, rng, cfg, k_jitter, 0.5)
+            items.update(seed=-1, fov="public-lumbar-tight", name=f"{ref.name}-tight")
+            out.append(items)
+    n_tight = sum(it["fov"] == "public-lumbar-tight" for it in out)
+    log(f"public-lumbar {split} via the detector: {len(out) - n_tight} cases (+{n_tight} cut tightly below S1), "
+        f"{n_extra} S1 / upper-neighbour bodies added")
     return out
 
 
@@ -303,6 +311,23 @@ def _only_levels(items: dict, levels: Sequence[str] | None) -> dict:
         return items
     keep = np.isin(items["labels"], [LEVEL_INDEX[lvl] for lvl in levels if lvl in LEVEL_INDEX])
     return {**items, **{k: items[k][keep] for k in ("crops", "feats", "labels", "body")}}
+
+
+def tight_cut_items(volume, spacing, bodies, rng: np.random.Generator, cfg: AppearanceConfig, k_jitter: int,
+                    strength: float) -> dict:
+    """:func:`_scan_items` of a scan cut as a tightly framed lumbar series is: the image ends at a row
+    drawn between 30 % down S1 and half a body below it, bodies above the cut kept. ``bodies``
+    (level, polygons, centroid, partial) must hold an S1. Why: where real S1s are only ever seen
+    with the sacrum below them, a lowest body at the image edge reads as S1 (the L5 -> S1 error of
+    tightly framed series)."""
+    s1_rows = np.concatenate([np.asarray(q)[:, 0] for lvl, polys, _, _ in bodies if lvl == "S1"
+                              for q in polys.values()])
+    top, bottom = float(s1_rows.min()), float(s1_rows.max())
+    cut = min(int(rng.uniform(top + 0.3 * (bottom - top), bottom + 0.5 * (bottom - top))), volume.shape[1])
+    kept = [b for b in bodies if min(np.asarray(q)[:, 0].min() for q in b[1].values()) < cut - 3]
+    items = _scan_items(volume[:, :cut], spacing, kept, rng, cfg, k_jitter, strength=strength)
+    items["height_mm"] = cut * spacing[0]
+    return items
 
 
 def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: AppearanceConfig | None = None,
@@ -350,14 +375,8 @@ def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: Appeara
         items.update(seed=-1, fov="spider", name=str(r.series), height_mm=vol.shape[1] * sp[0])
         out.append(items)
         if rng.random() < tight_share:
-            s1_rows = np.concatenate([np.asarray(q)[:, 0] for lvl, d in zip(names, dets) if lvl == "S1"
-                                      for q in d.polygons.values()])
-            top, bottom = float(s1_rows.min()), float(s1_rows.max())
-            cut = int(rng.uniform(top + 0.3 * (bottom - top), bottom + 0.5 * (bottom - top)))
-            cut = min(cut, vol.shape[1])
-            kept = [b for b in bodies if min(np.asarray(q)[:, 0].min() for q in b[1].values()) < cut - 3]
-            items = _only_levels(_scan_items(vol[:, :cut], sp, kept, rng, cfg, k_jitter, strength=0.5), levels)
-            items.update(seed=-1, fov="spider-tight", name=f"{r.series}-tight", height_mm=cut * sp[0])
+            items = _only_levels(tight_cut_items(vol, sp, bodies, rng, cfg, k_jitter, 0.5), levels)
+            items.update(seed=-1, fov="spider-tight", name=f"{r.series}-tight")
             out.append(items)
     n_tight = sum(it["fov"] == "spider-tight" for it in out)
     log(f"SPIDER pseudo-labelled by the teacher: {len(out) - n_tight} series kept (+{n_tight} cut tightly), "
@@ -734,6 +753,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "when the decoding does not")
     p.add_argument("--rotate-deg", type=float, default=0.0,
                    help="appearance augmentation: rotate each volume in-plane by up to this many degrees")
+    p.add_argument("--public-tight-share", type=float, default=0.0,
+                   help="share of public-lumbar training cases with an S1 added again cut tightly below it "
+                        "(tight_cut_items; 0 in the shipped recipe)")
     p.add_argument("--log", default=None)
     args = p.parse_args(argv)
     beam = replace(BeamConfig(), six_lumbar_penalty=args.variant_penalty, t13_penalty=args.variant_penalty,
@@ -789,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pub_val = public_lumbar_items("val", 1, acfg, args.seed, args.public_lumbar, excl)
             if detector is not None:
                 pub_det = public_lumbar_detector_items(detector, "train", 4, acfg, args.seed, args.public_lumbar,
-                                                       log, excl)
+                                                       log, excl, tight_share=args.public_tight_share)
         except FileNotFoundError as e:
             log(f"public-lumbar not available ({e}); synthetic only")
         t0 = time.time()
