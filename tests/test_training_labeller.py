@@ -8,7 +8,7 @@ from spinecohort.detect import Detector
 from spinecohort.label import LevelSummary
 from spinecohort.shipped import default_model_path
 from spinecohort.synthetic import generate_scan
-from spinecohort.tasks import LEVEL_INDEX
+from spinecohort.tasks import LEVEL_INDEX, LEVELS
 from spinecohort.training.labeller import spider_pseudo_items
 
 LUMBAR_FROM_BOTTOM = ["S1", "L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9"]
@@ -144,3 +144,27 @@ def test_rotation_augmentation_turns_the_crop_and_is_off_by_default():
     turned = [tilt(augment_batch(x, np.random.default_rng(s), rotate_deg=30)[0, 0]) for s in range(8)]
     assert max(flat) < 3.0
     assert max(turned) > 8.0 and max(turned) < 33.0
+
+
+def test_tight_cut_ends_the_image_inside_or_just_below_s1_and_drops_the_bodies_below():
+    from spinecohort.label import AppearanceConfig
+    from spinecohort.training.labeller import tight_cut_items
+
+    scan = next(sc for sc in (generate_scan(k, fov="lumbar", n_slices=5, rows=256) for k in range(20))
+                if any(v.level == "S1" and v.polygons and not v.partial for v in sc.vertebrae))
+    bodies = [(v.level, v.polygons, v.centroid, False) for v in scan.vertebrae
+              if v.polygons and v.level in LEVEL_INDEX]
+    bodies.sort(key=lambda t: -t[2][1])
+    s1 = next(b for b in bodies if b[0] == "S1")
+    rows = np.concatenate([np.asarray(q)[:, 0] for q in s1[1].values()])
+    top, bottom = rows.min(), rows.max()
+    sp = (scan.pixel_spacing_mm, scan.pixel_spacing_mm)
+    for seed in range(5):
+        items = tight_cut_items(scan.volume, sp, bodies, np.random.default_rng(seed), AppearanceConfig(), 1, 0.5)
+        cut = items["height_mm"] / sp[0]
+        assert top + 0.3 * (bottom - top) - 1 <= cut <= bottom + 0.5 * (bottom - top) + 1
+        assert cut < scan.volume.shape[1] - 10  # the image really ends at the sacrum
+        kept = {LEVELS[i] for i in items["labels"]}
+        assert "S1" in kept and "L5" in kept
+        below = [b[0] for b in bodies if min(np.asarray(q)[:, 0].min() for q in b[1].values()) >= cut - 3]
+        assert not kept & set(below)  # sacral segments below the cut are not in the cut scan
