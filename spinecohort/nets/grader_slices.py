@@ -182,9 +182,10 @@ class GraderEnsemble(nn.Module):
     applies softmax, as :class:`spinecohort.grade.Grader` does).
 
     Why: members trained with different seeds err differently on real discs, and averaging them
-    is the cheapest gain in discrimination that a small real training set allows (measured in
-    patient-level CV on SPIDER, ``models/`` card of the ensemble); TTA shifts of one network
-    vary less."""
+    is a cheap gain in discrimination where the real training set is small (three seeds in
+    patient-level CV on SPIDER: Pfirrmann balanced accuracy 0.506 against 0.500-0.504 alone;
+    ``models/grader-cpu-v4.md``, Round 5); TTA shifts of one network vary less. It costs one
+    forward pass per member."""
 
     def __init__(self, members: Sequence[Mapping], name: str = ENSEMBLE_ARCH_NAME):
         super().__init__()
