@@ -483,6 +483,8 @@ LEVEL_FLAGS = {
                           "the column (spinecohort.detect.find_body_below): the counting anchor is weak",
     "sacrum_cut_by_image_edge": "the image ends within one body height below the lowest body (lumbar, S1 "
                                 "or S2): the sacrum that tells S1 from L5 is not in view",
+    "disc_below_s1": "a disc-sized gap separates S1 from the S2 below it: a residual S1-S2 disc, or L5 read as "
+                     "sacral and named S1 (the body called S2 is then the real S1)",
     "counting_variant_suspected": "the decoding (or a close alternative) has L6, T13 or four lumbar vertebrae",
     "recounted_from_sacrum": "the networks' count above the sacrum disagreed with the body they call S1 "
                              "most clearly; the levels were counted up from that S1",
@@ -683,9 +685,26 @@ def hypotheses_agreeing(result: BeamResult) -> tuple[np.ndarray, np.ndarray]:
     return np.array(agree, dtype=bool), np.array(variant, dtype=bool)
 
 
+#: S1-S2 gap (inferior endplate of S1 to superior endplate of S2, mid-slice, in median body heights)
+#: from which the two read as separated by a disc. Fused S1-S2 pairs measure 0.03-0.06 (medians per
+#: site, shipped labeller on the public-lumbar and SPIDER cases), L5-S1 discs 0.25-0.31 (5th
+#: percentile 0.08-0.14); residual S1-S2 discs reach 0.32, so the gap flags rather than relabels.
+SACRAL_DISC_GAP = 0.15
+
+
+def sacral_gap(geoms: Sequence[VertebraGeometry], labels: Sequence[str | None]) -> float | None:
+    """Gap between the body labelled S1 and the body labelled S2 directly below it (``geoms`` and
+    ``labels`` caudal first), in the bodies' median height; None without such a pair."""
+    for i in range(1, len(labels)):
+        if labels[i] == "S1" and labels[i - 1] == "S2":
+            heights = [g.bottom - g.top for g in geoms]
+            return float((geoms[i - 1].top - geoms[i].bottom) / max(float(np.median(heights)), 1.0))
+    return None
+
+
 def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weight: float = 0.2,
                   probe: BeamResult | None = None, room_below: float | None = None,
-                  recounted: bool = False, weak_s1: bool = False) -> LevelSummary:
+                  recounted: bool = False, weak_s1: bool = False, disc_below_s1: bool = False) -> LevelSummary:
     """Doubt about one scan's labelling from its beam search (bodies caudal first).
 
     ``confidence``: the summed posterior weight (:func:`hypothesis_weights` of the final hypotheses)
@@ -696,7 +715,8 @@ def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weigh
     S1, for an image that ends less than one body height (``room_below``: image below the lowest
     body, in the scan's median body height) under a lowest body called S2, S1 or lumbar, for fewer
     than 3 bodies, for a labelling ``recounted`` from the sacrum (:func:`anchor_at_sacrum`), for an
-    S1 that is a weak detection (``weak_s1``), and for ``confidence < min_confidence``."""
+    S1 that is a weak detection (``weak_s1``), for a disc-sized gap between S1 and S2
+    (``disc_below_s1``, :func:`sacral_gap`), and for ``confidence < min_confidence``."""
     labels = list(result.labels)
     if not any(lab is not None for lab in labels):
         return LevelSummary(float("nan"), ("no_vertebrae_detected",))
@@ -717,6 +737,8 @@ def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weigh
     # a lowest "S2" at the image edge is as doubtful as a lowest S1: a cut S1 called S2 puts L5 on S1
     if room_below is not None and room_below < 1.0 and (lowest in ("S1", "S2") or lowest in _LUMBAR):
         flags.append("sacrum_cut_by_image_edge")
+    if disc_below_s1 and "S1" in labels and "S2" in labels:
+        flags.append("disc_below_s1")
     if _has_variant(labels) or variant_mass >= variant_weight or (probe is not None and _has_variant(probe.labels)):
         flags.append("counting_variant_suspected")
     if recounted:
@@ -941,8 +963,9 @@ class Labeller:
         room_below = (np.asarray(volume).shape[1] - 1 - low.bottom) / max(body_height, 1.0)
         weak_s1 = weak is not None and any(weak[m] for gi, members in enumerate(groups)
                                            if res_g.labels[gi] == "S1" for m in members)
+        gap_s1 = sacral_gap([geoms[m] for m in lead], res_g.labels)
         summary = level_summary(res_g, self.min_confidence, probe=probe, room_below=room_below, recounted=recounted,
-                                weak_s1=weak_s1)
+                                weak_s1=weak_s1, disc_below_s1=gap_s1 is not None and gap_s1 >= SACRAL_DISC_GAP)
         raw = raw_probabilities(res_g, em)
         reported = calibrated_probabilities(raw, bool(summary.flags), self.beam.probability_calibration)
         labels: list[str | None] = [None] * len(geoms)

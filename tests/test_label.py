@@ -24,6 +24,7 @@ from spinecohort.label import (
     gap_ratios,
     height_probability_map,
     level_summary,
+    sacral_gap,
     vertebra_geometry,
 )
 from spinecohort.shipped import default_model_path
@@ -264,6 +265,26 @@ def test_sacrum_cut_by_image_edge_flag():
     neck = beam_search(emissions(["T1", "C7", "C6", "C5"]), gaps=gap_ratios(centres([20] * 3)))
     assert "sacrum_cut_by_image_edge" not in level_summary(neck, room_below=0.2).flags
     assert "sacrum_cut_by_image_edge" in LEVEL_FLAGS
+
+
+def test_disc_below_s1_flag_from_the_sacral_gap():
+    def body(top, bottom):  # a 30-pixel-wide box, rows top..bottom, on slice 0
+        return vertebra_geometry({0: [[top, 10], [top, 40], [bottom, 40], [bottom, 10]]})
+
+    # caudal first: S2, S1, L5; body heights 30 px
+    fused = [body(131, 161), body(100, 130), body(60, 90)]
+    disc = [body(139, 169), body(100, 130), body(60, 90)]  # 9 px = 0.3 body heights between S1 and S2
+    labels = ["S2", "S1", "L5"]
+    assert sacral_gap(fused, labels) == pytest.approx(1 / 30)
+    assert sacral_gap(disc, labels) == pytest.approx(9 / 30)
+    assert sacral_gap(disc, ["S1", "L5", "L4"]) is None  # no S2 below S1: nothing to measure
+    res = beam_search(emissions(["S1", "S1", "L5", "L4", "L3"]), gaps=gap_ratios(centres([30, 38, 38, 38])))
+    assert res.labels[:2] == ["S2", "S1"]
+    assert "disc_below_s1" in level_summary(res, disc_below_s1=True).flags
+    assert "disc_below_s1" not in level_summary(res).flags
+    plain = beam_search(emissions(["S1", "L5", "L4", "L3"]), gaps=gap_ratios(centres([38] * 3)))
+    assert "disc_below_s1" not in level_summary(plain, disc_below_s1=True).flags  # no S2: no such doubt
+    assert "disc_below_s1" in LEVEL_FLAGS
 
 
 def test_more_bodies_than_levels_does_not_crash():
