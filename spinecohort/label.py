@@ -692,13 +692,13 @@ def hypotheses_agreeing(result: BeamResult) -> tuple[np.ndarray, np.ndarray]:
 SACRAL_DISC_GAP = 0.15
 
 
-def sacral_gap(geoms: Sequence[VertebraGeometry], labels: Sequence[str | None]) -> float | None:
+def sacral_gap(geoms: Sequence[VertebraGeometry], labels: Sequence[str | None], body_height: float) -> float | None:
     """Gap between the body labelled S1 and the body labelled S2 directly below it (``geoms`` and
-    ``labels`` caudal first), in the bodies' median height; None without such a pair."""
+    ``labels`` caudal first), in ``body_height`` (the scan's median body height, pixels); None
+    without such a pair."""
     for i in range(1, len(labels)):
         if labels[i] == "S1" and labels[i - 1] == "S2":
-            heights = [g.bottom - g.top for g in geoms]
-            return float((geoms[i - 1].top - geoms[i].bottom) / max(float(np.median(heights)), 1.0))
+            return float((geoms[i - 1].top - geoms[i].bottom) / max(body_height, 1.0))
     return None
 
 
@@ -963,7 +963,7 @@ class Labeller:
         room_below = (np.asarray(volume).shape[1] - 1 - low.bottom) / max(body_height, 1.0)
         weak_s1 = weak is not None and any(weak[m] for gi, members in enumerate(groups)
                                            if res_g.labels[gi] == "S1" for m in members)
-        gap_s1 = sacral_gap([geoms[m] for m in lead], res_g.labels)
+        gap_s1 = sacral_gap([geoms[m] for m in lead], res_g.labels, body_height)
         summary = level_summary(res_g, self.min_confidence, probe=probe, room_below=room_below, recounted=recounted,
                                 weak_s1=weak_s1, disc_below_s1=gap_s1 is not None and gap_s1 >= SACRAL_DISC_GAP)
         raw = raw_probabilities(res_g, em)

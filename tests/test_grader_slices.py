@@ -80,7 +80,9 @@ def test_ensemble_is_the_geometric_mean_of_its_members_and_round_trips(net, tmp_
 
     a = save_grader(tmp_path / "a.pt", net, {"trained_on": {"spider": "x"}}, half=False)
     b = save_grader(tmp_path / "b.pt", other, half=False)
-    path = combine_graders([a, b], tmp_path / "ens.pt")
+    path = tmp_path / "ens.pt"
+    combined = combine_graders([a, b], path)
+    assert isinstance(combined, GraderEnsemble)
     g = Grader.load(path)
     assert isinstance(g.net, GraderEnsemble) and len(g.net.members) == 2
     assert [m["file"] for m in g.meta["members"]] == ["a.pt", "b.pt"] and g.meta["trained_on"] == {"spider": "x"}

@@ -275,9 +275,9 @@ def test_disc_below_s1_flag_from_the_sacral_gap():
     fused = [body(131, 161), body(100, 130), body(60, 90)]
     disc = [body(139, 169), body(100, 130), body(60, 90)]  # 9 px = 0.3 body heights between S1 and S2
     labels = ["S2", "S1", "L5"]
-    assert sacral_gap(fused, labels) == pytest.approx(1 / 30)
-    assert sacral_gap(disc, labels) == pytest.approx(9 / 30)
-    assert sacral_gap(disc, ["S1", "L5", "L4"]) is None  # no S2 below S1: nothing to measure
+    assert sacral_gap(fused, labels, 30.0) == pytest.approx(1 / 30)
+    assert sacral_gap(disc, labels, 30.0) == pytest.approx(9 / 30)
+    assert sacral_gap(disc, ["S1", "L5", "L4"], 30.0) is None  # no S2 below S1: nothing to measure
     res = beam_search(emissions(["S1", "S1", "L5", "L4", "L3"]), gaps=gap_ratios(centres([30, 38, 38, 38])))
     assert res.labels[:2] == ["S2", "S1"]
     assert "disc_below_s1" in level_summary(res, disc_below_s1=True).flags

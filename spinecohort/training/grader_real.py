@@ -415,14 +415,13 @@ def stage_final(run: _Run, out: str | Path, tta: int = 4, command: str = "") -> 
     return Path(out)
 
 
-def combine_graders(member_paths: Sequence[str | Path], out: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
+def combine_graders(member_paths: Sequence[str | Path], out: str | Path, meta: Mapping[str, Any] | None = None):
     """Save the graders at ``member_paths`` as one :class:`~spinecohort.nets.grader_slices.GraderEnsemble`
-    checkpoint at ``out``; its meta lists each member (file, sha256, meta) and keeps the first
-    member's ``trained_on`` (what the report's first screen shows)."""
-    import hashlib
-
+    checkpoint at ``out`` and return that network; the checkpoint's meta lists each member (file,
+    sha256, meta) and keeps the first member's ``trained_on`` (what the report's first screen shows)."""
     from ..grade import Grader, save_grader
     from ..nets.grader_slices import GraderEnsemble
+    from ..provenance import sha256_file
 
     if len(member_paths) < 2:
         raise ValueError(f"an ensemble needs at least two members, got {len(member_paths)}")
@@ -430,12 +429,12 @@ def combine_graders(member_paths: Sequence[str | Path], out: str | Path, meta: M
     ens = GraderEnsemble([g.net.arch for g in graders])
     for member, g in zip(ens.members, graders):
         member.load_state_dict(g.net.state_dict())
-    info = [{"file": Path(p).name, "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest(), "meta": g.meta}
-            for p, g in zip(member_paths, graders)]
+    info = [{"file": Path(p).name, "sha256": sha256_file(p), "meta": g.meta} for p, g in zip(member_paths, graders)]
     full = {"model": Path(out).stem, "members": info, **({"trained_on": graders[0].meta["trained_on"]}
                                                           if "trained_on" in graders[0].meta else {}),
             **dict(meta or {})}
-    return save_grader(out, ens, full)
+    save_grader(out, ens, full)
+    return ens.eval()
 
 
 def stage_ensemble(run: _Run, member_works: Sequence[str | Path], tta: int = 4) -> None:
@@ -444,7 +443,6 @@ def stage_ensemble(run: _Run, member_works: Sequence[str | Path], tta: int = 4) 
     held-out patients -> ``work/oof_fold<f>.parquet`` and ``work/grader-ens-fold<f>.pt``, so
     ``--stage report`` scores the ensemble as it would run. Each member must have held out exactly
     this fold's patients (``W/oof_fold<f>.parquet``): no member saw a patient it predicts."""
-    from ..grade import Grader
     from .grader import predict_probs
 
     X, keys, *_ = run.spider
@@ -461,8 +459,8 @@ def stage_ensemble(run: _Run, member_works: Sequence[str | Path], tta: int = 4) 
             if len(found) != 1:
                 raise FileNotFoundError(f"{w}: expected one grader-*-fold{f}.pt, found {len(found)}")
             paths.append(found[0])
-        path = combine_graders(paths, run.work / f"grader-ens-fold{f}.pt", {"fold": f, "k": run.k, "seed": run.seed})
-        probs = predict_probs(Grader.load(path).net, X[te], tta=tta)
+        net = combine_graders(paths, run.work / f"grader-ens-fold{f}.pt", {"fold": f, "k": run.k, "seed": run.seed})
+        probs = predict_probs(net, X[te], tta=tta)
         df = predictions_frame(keys.iloc[te].reset_index(drop=True), probs, {"fold": f, "model_id": f"ens-fold{f}"})
         df.to_parquet(run.work / f"oof_fold{f}.parquet", index=False)
         (run.work / f"fold{f}.json").write_text(json.dumps({"members": [str(p) for p in paths], "n_test": int(len(te))}))
