@@ -83,7 +83,6 @@ __all__ = [
     "height_probability_map",
     "beam_search",
     "anchor_at_sacrum",
-    "anchor_at_lowest_body",
     "hypothesis_weights",
     "raw_probabilities",
     "calibrated_probabilities",
@@ -170,9 +169,6 @@ class BeamConfig(StoredConfig):
     # whose evidence is more S1 than not (anchor_at_sacrum); off by default: the official family
     # keeps the reference decoding
     anchor_at_sacrum: bool = False
-    # without C2 in view, a lowest body decoded S1 or lumbar against its own clear lumbar evidence
-    # is re-counted from that evidence (anchor_at_lowest_body); off by default as above
-    anchor_at_lowest_body: bool = False
 
 
 # The label chain walked upwards by the beam: (name, emission column, penalty attribute or None).
@@ -492,9 +488,6 @@ LEVEL_FLAGS = {
     "counting_variant_suspected": "the decoding (or a close alternative) has L6, T13 or four lumbar vertebrae",
     "recounted_from_sacrum": "the networks' count above the sacrum disagreed with the body they call S1 "
                              "most clearly; the levels were counted up from that S1",
-    "recounted_from_lowest_body": "the decoding named the lowest body a level its own evidence all but ruled "
-                                  "out (e.g. L5 called S1 with the sacrum missed); the levels were counted up "
-                                  "from the lumbar level that body reads",
     "low_confidence": "the labelling's posterior probability is below the threshold",
 }
 _LUMBAR = ("L1", "L2", "L3", "L4", "L5", "L6")
@@ -678,46 +671,6 @@ def anchor_at_sacrum(result: BeamResult, emissions: np.ndarray, gaps: np.ndarray
     return BeamResult(names, positions, evidence, result.cost, result.hypotheses)
 
 
-def anchor_at_lowest_body(result: BeamResult, emissions: np.ndarray, gaps: np.ndarray | None,
-                          max_decoded_share: float = 0.1, min_own_share: float = 0.5) -> BeamResult:
-    """A decoding whose lowest body is called S1 or a lumbar level that body's own evidence all
-    but rules out (its emission's share for the decoded level below ``max_decoded_share``) while it
-    reads another lumbar level clearly (share at least ``min_own_share``) re-counted up from that
-    level: the lowest body gets it, each body above the next standard level, one more for every
-    body missed where the gap to the body below is a multiple of the usual spacing (as
-    :func:`anchor_at_sacrum`). Unchanged otherwise, when the lowest body is a sacral segment
-    below S1 or thoracic, and when the count runs past the chain.
-
-    Why: with the sacrum missed by the detector, or out of view, the networks trained with SPIDER
-    read the upper bodies of a thoracolumbar series about half a level low, and the beam follows
-    the many upper bodies: the lowest body, whose own evidence says L5 with 0.95-0.997, is named
-    S1 and every level is one off (leave-one-site-out, sacrum's detections removed: vb2_07, vb2_10,
-    vb2_16; the same drift the other way names L5 "L4" on ivd_11 and vb3_03). Readers of lumbar
-    series count from the bottom of the column; the lowest body's own reading is the anchor when
-    the decoding contradicts it that strongly. The first decoding's hypotheses are kept, so the
-    scan's ``level_confidence`` is the networks' (low) posterior of the re-count."""
-    E = np.asarray(emissions, dtype=np.float64)
-    labels = list(result.labels)
-    if not len(E) or len(labels) != len(E) or len(result.positions) != len(E) or labels[0] not in ("S1",) + _LUMBAR:
-        return result
-    share = E[0] / max(float(E[0].sum()), 1e-12)
-    own_col = int(np.argmax(share))
-    if share[_CHAIN_COL[result.positions[0]]] >= max_decoded_share or share[own_col] < min_own_share:
-        return result
-    lumbar_cols = {LEVELS.index(lev): _CHAIN_NAMES.index(lev) for lev in ("L5", "L4", "L3", "L2", "L1")}
-    if own_col not in lumbar_cols:
-        return result
-    positions = [lumbar_cols[own_col]]
-    for i in range(1, len(E)):
-        ratio = float(gaps[i - 1]) if gaps is not None and np.isfinite(gaps[i - 1]) else 1.0
-        rank = _STANDARD.index(positions[-1]) + max(1, int(round(ratio)))
-        if rank >= len(_STANDARD):
-            return result
-        positions.append(_STANDARD[rank])
-    names = [_CHAIN_NAMES[p] for p in positions]
-    return BeamResult(names, positions, _local_evidence(E, positions), result.cost, result.hypotheses)
-
-
 def hypotheses_agreeing(result: BeamResult) -> tuple[np.ndarray, np.ndarray]:
     """Per final hypothesis: does it give every body the chosen label (sacral segments below S1,
     which no disc is named after, excepted), and does it hold a transitional count."""
@@ -751,8 +704,7 @@ def sacral_gap(geoms: Sequence[VertebraGeometry], labels: Sequence[str | None], 
 
 def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weight: float = 0.2,
                   probe: BeamResult | None = None, room_below: float | None = None,
-                  recounted: bool = False, weak_s1: bool = False, disc_below_s1: bool = False,
-                  recounted_from_lowest: bool = False) -> LevelSummary:
+                  recounted: bool = False, weak_s1: bool = False, disc_below_s1: bool = False) -> LevelSummary:
     """Doubt about one scan's labelling from its beam search (bodies caudal first).
 
     ``confidence``: the summed posterior weight (:func:`hypothesis_weights` of the final hypotheses)
@@ -762,8 +714,7 @@ def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weigh
     ``probe`` (the same bodies decoded with cheaper transitional states), for lumbar levels without
     S1, for an image that ends less than one body height (``room_below``: image below the lowest
     body, in the scan's median body height) under a lowest body called S2, S1 or lumbar, for fewer
-    than 3 bodies, for a labelling ``recounted`` from the sacrum (:func:`anchor_at_sacrum`) or
-    ``recounted_from_lowest`` body (:func:`anchor_at_lowest_body`), for an
+    than 3 bodies, for a labelling ``recounted`` from the sacrum (:func:`anchor_at_sacrum`), for an
     S1 that is a weak detection (``weak_s1``), for a disc-sized gap between S1 and S2
     (``disc_below_s1``, :func:`sacral_gap`), and for ``confidence < min_confidence``."""
     labels = list(result.labels)
@@ -792,8 +743,6 @@ def level_summary(result: BeamResult, min_confidence: float = 0.7, variant_weigh
         flags.append("counting_variant_suspected")
     if recounted:
         flags.append("recounted_from_sacrum")
-    if recounted_from_lowest:
-        flags.append("recounted_from_lowest_body")
     if confidence < min_confidence:
         flags.append("low_confidence")
     return LevelSummary(confidence, tuple(flags))
@@ -998,11 +947,6 @@ class Labeller:
             anchored = anchor_at_sacrum(res_g, em, gaps)
             recounted = anchored.labels != res_g.labels
             res_g = anchored
-        recounted_from_lowest = False
-        if self.beam.anchor_at_lowest_body and "C2" not in res_g.labels:
-            anchored = anchor_at_lowest_body(res_g, em, gaps)
-            recounted_from_lowest = anchored.labels != res_g.labels
-            res_g = anchored
         if self.beam.count_from_sacrum_without_c2 and "C2" not in res_g.labels:
             res_g = count_from_sacrum(res_g, em, gaps)
         probe = None
@@ -1021,8 +965,7 @@ class Labeller:
                                            if res_g.labels[gi] == "S1" for m in members)
         gap_s1 = sacral_gap([geoms[m] for m in lead], res_g.labels, body_height)
         summary = level_summary(res_g, self.min_confidence, probe=probe, room_below=room_below, recounted=recounted,
-                                weak_s1=weak_s1, disc_below_s1=gap_s1 is not None and gap_s1 >= SACRAL_DISC_GAP,
-                                recounted_from_lowest=recounted_from_lowest)
+                                weak_s1=weak_s1, disc_below_s1=gap_s1 is not None and gap_s1 >= SACRAL_DISC_GAP)
         raw = raw_probabilities(res_g, em)
         reported = calibrated_probabilities(raw, bool(summary.flags), self.beam.probability_calibration)
         labels: list[str | None] = [None] * len(geoms)

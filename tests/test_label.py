@@ -17,7 +17,6 @@ from spinecohort.label import (
     Labeller,
     beam_search,
     calibrated_probabilities,
-    anchor_at_lowest_body,
     anchor_at_sacrum,
     count_from_sacrum,
     fit_probability_calibration,
@@ -456,41 +455,6 @@ def test_anchor_at_sacrum_counts_up_from_a_sacral_lowest_body():
     plain = beam_search(emissions(["S1", "L5", "L4", "L3"]))
     assert anchor_at_sacrum(plain, emissions(["S1", "L5", "L4", "L3"]), None) is plain
     assert BeamConfig().anchor_at_sacrum is False  # official family: reference decoding
-
-
-def test_anchor_at_lowest_body_counts_up_from_the_lumbar_level_the_lowest_body_reads():
-    # the sacrum missed; the lowest body reads L5 clearly but the six above it each read one level
-    # low (T11 as T12, ...): the beam follows the majority and names the lowest body S1
-    E = emissions(["L5", "L5", "L4", "L3", "L2", "L1", "T12"], conf=0.95)
-    gaps = gap_ratios(centres([38] * 6))
-    res = beam_search(E, gaps=gaps)
-    assert res.labels == ["S1", "L5", "L4", "L3", "L2", "L1", "T12"]
-    anchored = anchor_at_lowest_body(res, E, gaps)
-    assert anchored.labels == ["L5", "L4", "L3", "L2", "L1", "T12", "T11"]
-    assert anchored.probabilities[0] > 0.5 and anchored.hypotheses == res.hypotheses
-    summary = level_summary(anchored, recounted_from_lowest=True)
-    assert "recounted_from_lowest_body" in summary.flags and "recounted_from_lowest_body" in LEVEL_FLAGS
-    assert list(summary.flags) == [f for f in LEVEL_FLAGS if f in summary.flags]  # the documented order
-    # a missed body (double gap) is skipped in the count
-    gapped = gap_ratios(centres([38, 76, 38, 38, 38, 38]))
-    assert anchor_at_lowest_body(res, E, gapped).labels == ["L5", "L4", "L2", "L1", "T12", "T11", "T10"]
-    # decoded level merely doubtful (S1 share 0.36, as on a true S1 the networks half read L5): unchanged
-    E2 = E.copy()
-    E2[0] = 1e-3
-    E2[0, LEVEL_INDEX["S1"]], E2[0, LEVEL_INDEX["L5"]] = 0.36, 0.62
-    res2 = BeamResult(list(res.labels), list(res.positions), list(res.probabilities), res.cost, res.hypotheses)
-    assert anchor_at_lowest_body(res2, E2, gaps) is res2
-    # the lowest body reading no lumbar level clearly (flat), or thoracic: unchanged
-    E3 = E.copy()
-    E3[0] = 1.0 / 24
-    assert anchor_at_lowest_body(res2, E3, gaps) is res2
-    E4 = E.copy()
-    E4[0] = emissions(["T12"])[0]
-    assert anchor_at_lowest_body(res2, E4, gaps) is res2
-    # a lowest sacral segment below S1 is the sacrum's business (anchor_at_sacrum), not this rule's
-    sac = beam_search(emissions(["S1", "S1", "L5", "L4"]))
-    assert sac.labels[0] == "S2" and anchor_at_lowest_body(sac, emissions(["L5", "S1", "L5", "L4"]), None) is sac
-    assert BeamConfig().anchor_at_lowest_body is False  # official family: reference decoding
 
 
 class _ScriptedLabeller(Labeller):
