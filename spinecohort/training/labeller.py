@@ -388,24 +388,9 @@ def spider_pseudo_items(detector, teacher, root, k_jitter: int = 4, cfg: Appeara
 # ---------------------------------------------------------------------------------------------
 # appearance training
 # ---------------------------------------------------------------------------------------------
-def random_intensity_curve(v: np.ndarray, rng: np.random.Generator, n_knots: int = 6) -> np.ndarray:
-    """``v`` (robust-normalised, mostly in [0, 1]) through a random piecewise-linear curve whose
-    knots take independent uniform heights, so tissues can swap their order of brightness.
-
-    Inversion and gamma keep the order of tissues (or reverse all of it); a fat-suppressed or
-    water-only series darkens fatty marrow while fluid and disc stay bright, which no monotone
-    map gives. Random look-up curves make the network read shape instead (the idea of
-    contrast-agnostic training, Billot et al. 2023, SynthSeg)."""
-    knots_x = np.linspace(0.0, 1.0, n_knots)
-    knots_y = rng.uniform(0.0, 1.0, n_knots)
-    return np.interp(np.clip(v, 0.0, 1.0), knots_x, knots_y).astype(v.dtype) + (v - np.clip(v, 0.0, 1.0))
-
-
-def augment_batch(x: np.ndarray, rng: np.random.Generator, rotate_deg: float = 0.0,
-                  intensity_curve_p: float = 0.0) -> np.ndarray:
+def augment_batch(x: np.ndarray, rng: np.random.Generator, rotate_deg: float = 0.0) -> np.ndarray:
     """(B, S, R, C) normalised volumes: lateral mirror, in-plane rotation by U(-rotate_deg,
-    rotate_deg) about the crop centre (when > 0), a random intensity curve (with probability
-    ``intensity_curve_p``), inversion, gamma, contrast, blur, noise."""
+    rotate_deg) about the crop centre (when > 0), inversion, gamma, contrast, blur, noise."""
     x = x.copy()
     b = len(x)
     for i in range(b):
@@ -417,8 +402,6 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator, rotate_deg: float = 0
 
             v = ndimage.rotate(v, rng.uniform(-rotate_deg, rotate_deg), axes=(1, 2), reshape=False,
                                order=1, mode="nearest")
-        if intensity_curve_p > 0 and rng.random() < intensity_curve_p:
-            v = random_intensity_curve(v, rng)
         if rng.random() < 0.25:  # contrast inversion (T1 vs T2 / STIR marrow) around the robust range
             v = 1.0 - v
         g = math.exp(rng.normal(0, 0.25))
@@ -460,7 +443,7 @@ def evaluate_appearance(net, crops, feats, labels, batch: int = 256) -> tuple[fl
 def train_appearance(syn: list[dict], public: list[dict], public_val: list[dict], *, steps: int,
                      batch: int = 32, lr: float = 3e-3, seed: int = 0, public_weight: float = 0.25,
                      cfg: AppearanceConfig | None = None, log=print, minutes: float | None = None,
-                     rotate_deg: float = 0.0, intensity_curve_p: float = 0.0):
+                     rotate_deg: float = 0.0):
     cfg = cfg or AppearanceConfig()
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 1])
@@ -486,7 +469,7 @@ def train_appearance(syn: list[dict], public: list[dict], public_val: list[dict]
         if n_pub:
             i_p = rng.integers(0, len(pl), n_pub)
             xs.append(pc[i_p]); fs.append(pf[i_p]); ys.append(pl[i_p])
-        x = augment_batch(_dequantize(np.concatenate(xs)), rng, rotate_deg, intensity_curve_p)
+        x = augment_batch(_dequantize(np.concatenate(xs)), rng, rotate_deg)
         # + a shared subject-size shift: real spines are larger than the phantoms' and vary more
         # (lower thoracic bodies by ~20 %), so absolute size must not name a level on its own
         f = (np.concatenate(fs) + rng.normal(0, 0.03, (len(x), 2)) + rng.normal(0, SIZE_SHIFT_SD, (len(x), 1))
@@ -770,8 +753,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "when the decoding does not")
     p.add_argument("--rotate-deg", type=float, default=0.0,
                    help="appearance augmentation: rotate each volume in-plane by up to this many degrees")
-    p.add_argument("--intensity-curve-p", type=float, default=0.0,
-                   help="appearance augmentation: share of volumes passed through a random intensity curve")
     p.add_argument("--public-tight-share", type=float, default=0.0,
                    help="share of public-lumbar training cases with an S1 added again cut tightly below it "
                         "(tight_cut_items; 0 in the shipped recipe)")
@@ -836,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.time()
         net = train_appearance(syn, pub + pub_det + spider, pub_val, steps=args.appearance_steps, seed=args.seed,
                                public_weight=args.public_weight, cfg=acfg, log=log, minutes=args.minutes,
-                               rotate_deg=args.rotate_deg, intensity_curve_p=args.intensity_curve_p)
+                               rotate_deg=args.rotate_deg)
         va = [it for it in syn if is_heldout_seed(int(it["seed"]))]
         metrics = {}
         if va:
