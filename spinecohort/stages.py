@@ -58,10 +58,10 @@ def vertebra_rows(scan: ScanContext, detections: list) -> pd.DataFrame:
     """Contract rows (``tables/vertebrae.parquet``) from detections in the canonical view."""
     rows = []
     for vertebra_id, detection in enumerate(detections):
-        stored = scan.canonical.flip_polygons(detection.polygons)
+        stored = scan.canonical.to_stored_polygons(detection.polygons)
         slices = sorted(stored)
         polygons = [{"slice": s, "corners": [float(v) for v in stored[s].reshape(-1)]} for s in slices]
-        centroid = scan.canonical.flip_points(np.asarray(detection.centroid, dtype=float))[0]
+        centroid = scan.canonical.to_stored_points(np.asarray(detection.centroid, dtype=float))[0]
         x, y, z = scan.series.to_patient(centroid)[0]
         rows.append({
             "scan_id": scan.scan_id, "vertebra_id": vertebra_id, "level": None, "level_probability": np.nan,
@@ -81,9 +81,9 @@ def canonical_vertebrae(scan: ScanContext, rows: pd.DataFrame) -> list[dict]:
     vertebrae = []
     for _, row in rows.sort_values("vertebra_id").iterrows():
         stored = {int(p["slice"]): np.asarray(p["corners"], dtype=float).reshape(4, 2) for p in row["polygons"]}
-        centroid = scan.canonical.flip_points([row["centroid_slice"], row["centroid_row"], row["centroid_col"]])[0]
+        centroid = scan.canonical.from_stored_points([row["centroid_slice"], row["centroid_row"], row["centroid_col"]])[0]
         vertebrae.append({"vertebra_id": int(row["vertebra_id"]), "level": row.get("level"),
-                          "polygons": scan.canonical.flip_polygons(stored),
+                          "polygons": scan.canonical.from_stored_polygons(stored),
                           "centroid": tuple(float(v) for v in centroid),
                           "found_at_low_threshold": true_cell(row.get("found_at_low_threshold"))})
     return vertebrae
@@ -132,7 +132,7 @@ class DetectStage(Stage):
         return dict(self._models)
 
     def run_scan(self, scan: ScanContext) -> pd.DataFrame:
-        detections = self.detector.detect(scan.canonical.volume, scan.series.pixel_spacing_mm)
+        detections = self.detector.detect(scan.canonical.volume, scan.canonical.pixel_spacing_mm)
         return vertebra_rows(scan, detections)
 
 
@@ -174,7 +174,7 @@ class LabelStage(Stage):
             return rows
         rows = rows.sort_values("vertebra_id").reset_index(drop=True)
         series = scan.series
-        labels, summary = self.labeller.label_scan(scan.canonical.volume, series.pixel_spacing_mm,
+        labels, summary = self.labeller.label_scan(scan.canonical.volume, scan.canonical.pixel_spacing_mm,
                                                    series.slice_spacing_mm, canonical_vertebrae(scan, rows))
         rows["level"] = [level for level, _ in labels]
         rows["level_probability"] = [float(probability) for _, probability in labels]
@@ -201,15 +201,15 @@ class ExtractDiscsStage(Stage):
         rows = scan.previous["label"]
         series = scan.series
         vertebrae = [v for v in canonical_vertebrae(scan, rows) if isinstance(v["level"], str)]
-        ivvs = extract_ivvs(scan.canonical.volume, series.pixel_spacing_mm, vertebrae,
+        ivvs = extract_ivvs(scan.canonical.volume, scan.canonical.pixel_spacing_mm, vertebrae,
                             levels=tuple(self.config["graded_discs"]))
         save_ivvs(ivv_path(scan.workdir, scan.scan_id), ivvs)
         vertebra_id = {v["level"]: v["vertebra_id"] for v in vertebrae}
-        row_mm, col_mm = series.pixel_spacing_mm
+        row_mm, col_mm = scan.canonical.pixel_spacing_mm  # the IVV's width and height are the view's
         records = []
         for ivv in ivvs:
-            centre = scan.canonical.flip_points(np.asarray(ivv.centre, dtype=float))[0]
-            box = scan.canonical.flip_polygons({int(round(ivv.centre[0])): ivv.box_corners})
+            centre = scan.canonical.to_stored_points(np.asarray(ivv.centre, dtype=float))[0]
+            box = scan.canonical.to_stored_polygons({int(round(ivv.centre[0])): ivv.box_corners})
             x, y, z = series.to_patient(centre)[0]
             records.append({
                 "scan_id": scan.scan_id, "level": ivv.level,

@@ -12,28 +12,35 @@ from spinecohort.orientation import CanonicalView, canonical_flips
 CANONICAL = np.array([[4.0, 0, 0], [0, 0, -0.7], [0, 0.7, 0]]).T  # columns: slice, row, col directions (LPS)
 
 
+@pytest.mark.parametrize("turned", [False, True])
 @pytest.mark.parametrize("signs", list(itertools.product([1, -1], repeat=3)))
-def test_canonical_view_round_trip(signs):
+def test_canonical_view_round_trip(signs, turned):
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(5, 7, 6)).astype(np.float32)
     affine = np.eye(4)
-    affine[:3, :3] = CANONICAL * np.array(signs)
-    series = Series(volume=volume, affine=affine, meta={})
-    assert canonical_flips(series) == tuple(s < 0 for s in signs)
+    # turned: the stored rows run front-back and the cols head-feet (images lying on their side)
+    directions = CANONICAL[:, [0, 2, 1]] if turned else CANONICAL
+    spacing = np.array([4.0, 0.6, 0.9]) if turned else np.array([4.0, 0.9, 0.6])
+    affine[:3, :3] = directions / np.abs(directions).sum(0) * spacing * np.array(signs)
+    series = Series(volume=volume, affine=affine, meta={"pixel_spacing_mm": list(spacing[1:])})
     view = CanonicalView.of(series)
+    assert view.turned is turned
+    assert view.flips == (signs[0] < 0, (signs[2] if turned else signs[1]) < 0, (signs[1] if turned else signs[2]) < 0)
     canonical = view.volume
+    assert canonical.shape == ((5, 6, 7) if turned else (5, 7, 6))
+    assert view.pixel_spacing_mm == (0.9, 0.6)  # the view's rows always run head-feet
     # A voxel seen in the canonical view sits at the same patient position as its stored twin.
     point = np.array([1.0, 2.0, 4.0])
-    stored = view.flip_points(point)[0]
+    stored = view.to_stored_points(point)[0]
     assert canonical[tuple(point.astype(int))] == volume[tuple(stored.astype(int))]
-    np.testing.assert_allclose(view.flip_points(stored), [point])
-    reference = Series(volume=canonical, affine=np.eye(4), meta={})
-    reference.affine[:3, :3] = CANONICAL
-    reference.affine[:3, 3] = series.to_patient(view.flip_points([0, 0, 0]))[0]
-    np.testing.assert_allclose(reference.to_patient(point), series.to_patient(stored))
+    np.testing.assert_allclose(view.from_stored_points(stored), [point])
+    # ... and the view's axes run as the canonical frame says: rows toward the feet, cols backwards
+    step = series.to_patient(view.to_stored_points([[1, 3, 2], [1, 4, 2], [1, 3, 3]]))
+    assert step[1, 2] - step[0, 2] < 0 and step[2, 1] - step[0, 1] > 0
     polygon = {2: np.array([[1.0, 1.0], [1.0, 4.0], [3.0, 4.0], [3.0, 1.0]])}
-    back = view.flip_polygons(view.flip_polygons(polygon))
+    back = view.from_stored_polygons(view.to_stored_polygons(polygon))
     np.testing.assert_allclose(back[2], polygon[2])
+    assert canonical_flips(series) == view.flips
 
 
 def test_a_scan_context_makes_its_canonical_view_once(tmp_path, monkeypatch):

@@ -49,3 +49,40 @@ def test_label_stage_drops_a_weak_body_the_labeller_did_not_keep():
     assert drop_unlabelled_weak_bodies(read_as_s1)["level"].tolist() == ["S1", "L5", "L4"]
     older = rows.drop(columns="found_at_low_threshold")  # rows of a detect stage without the search
     assert drop_unlabelled_weak_bodies(older) is older
+
+
+def test_a_series_stored_turned_by_90_degrees_gets_the_same_levels_and_patient_positions(tmp_path):
+    """Some archives store sagittal images lying on their side (cols running head-feet): the
+    networks see them upright, and the tables give positions in the stored grid."""
+    from spinecohort.synthetic import generate_scan
+
+    scan = generate_scan(31, fov="lumbar", contrast="T2", n_slices=7, rows=256)
+    rng = np.random.default_rng(1)
+    spacing = (float(scan.pixel_spacing_mm), float(scan.pixel_spacing_mm))
+    upright = SeriesHeader(pixel_spacing_mm=spacing, slice_spacing_mm=4.0)
+    write_series(scan.volume, tmp_path / "upright", upright, rng)
+    # the same voxels stored with rows running front-back and cols head-feet; that orientation's
+    # slice normal points the other way, so the slices are stored in reverse from the far end
+    n = scan.volume.shape[0]
+    turned = SeriesHeader(pixel_spacing_mm=spacing, slice_spacing_mm=4.0, orientation=(0.0, 0.0, -1.0, 0.0, 1.0, 0.0),
+                          origin_mm=(-4.0 * (n - 1), 0.0, 0.0))
+    write_series(np.ascontiguousarray(scan.volume[::-1].transpose(0, 2, 1)), tmp_path / "turned", turned, rng)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("scan_id,subject_id,path\nup,s1,upright\nside,s2,turned\n")
+    config = resolve_config({"outdir": str(tmp_path / "out"), "manifest": str(manifest)})
+    paths = run_in_process(config, manifest, created_by="test")
+    scans = pd.read_parquet(paths["scans"]).set_index("scan_id")
+    assert list(scans["status"]) == ["ok", "ok"]
+    assert (scans.loc["side", "rows"], scans.loc["side", "cols"]) == (scans.loc["up", "cols"], scans.loc["up", "rows"])
+    vertebrae = pd.read_parquet(paths["vertebrae"])
+    up = vertebrae[vertebrae.scan_id == "up"].sort_values("centroid_z_mm").reset_index(drop=True)
+    side = vertebrae[vertebrae.scan_id == "side"].sort_values("centroid_z_mm").reset_index(drop=True)
+    truth = sorted(v.level for v in scan.vertebrae if not v.partial)
+    assert len(up) >= len(truth) - 1 and list(side["level"]) == list(up["level"])
+    for axis in ("x", "y", "z"):
+        np.testing.assert_allclose(side[f"centroid_{axis}_mm"], up[f"centroid_{axis}_mm"], atol=1e-3)
+    # stored-grid coordinates: the turned series' row is the upright one's col
+    np.testing.assert_allclose(side["centroid_row"], up["centroid_col"], atol=1e-3)
+    np.testing.assert_allclose(side["centroid_col"], up["centroid_row"], atol=1e-3)
+    discs = pd.read_parquet(paths["discs"])
+    assert sorted(discs[discs.scan_id == "side"]["level"]) == sorted(discs[discs.scan_id == "up"]["level"])
