@@ -13,6 +13,7 @@ import pandas as pd  # noqa: E402
 
 from .ingest import Series  # noqa: E402
 from .morphometry import true_cell  # noqa: E402
+from .orientation import CanonicalView  # noqa: E402
 from .provenance import atomic_write_bytes  # noqa: E402
 
 
@@ -22,30 +23,35 @@ def _mid_slice(series: Series, vertebrae: pd.DataFrame) -> int:
     return series.volume.shape[0] // 2
 
 
-def _polygon_on(polygons, slice_index: int) -> np.ndarray | None:
-    """The polygon on ``slice_index``, else the one on the nearest slice."""
+def _polygon_on(polygons, slice_index: int, view: CanonicalView) -> np.ndarray | None:
+    """The polygon on stored slice ``slice_index``, else the one on the nearest slice, in ``view``."""
     if polygons is None or len(polygons) == 0:
         return None
     best = min(polygons, key=lambda p: abs(int(p["slice"]) - slice_index))
-    return np.asarray(best["corners"], dtype=float).reshape(4, 2)
+    corners = np.asarray(best["corners"], dtype=float).reshape(4, 2)
+    return next(iter(view.from_stored_polygons({int(best["slice"]): corners}).values()))
 
 
 def render_qc(series: Series, vertebrae: pd.DataFrame | None, discs: pd.DataFrame | None, path: str | Path,
               title: str = "") -> None:
-    """Write the QC PNG. ``vertebrae``/``discs`` use the contract's table columns (may be empty)."""
+    """Write the QC PNG. ``vertebrae``/``discs`` use the contract's table columns (stored grid; may
+    be empty). Drawn in the networks' canonical view, head up and front left, however the series
+    is stored, so a reviewer reads every scan the same way."""
     vertebrae = vertebrae if vertebrae is not None else pd.DataFrame()
     discs = discs if discs is not None else pd.DataFrame()
+    view = CanonicalView.of(series)
     index = _mid_slice(series, vertebrae)
-    image = series.volume[index]
+    view_index = int(round(view.from_stored_points([index, 0, 0])[0, 0]))
+    image = view.volume[view_index]
     low, high = np.percentile(image, [1, 99.5])
-    row_mm, col_mm = series.pixel_spacing_mm
+    row_mm, col_mm = view.pixel_spacing_mm
     height = 5.0
     width = height * image.shape[1] * col_mm / (image.shape[0] * row_mm)
     figure, axis = plt.subplots(figsize=(max(width, 2.5), height), dpi=110)
     axis.imshow(image, cmap="gray", vmin=low, vmax=high if high > low else low + 1, aspect=row_mm / col_mm,
                 interpolation="bilinear")
     for _, vertebra in vertebrae.iterrows():
-        corners = _polygon_on(vertebra.get("polygons"), index)
+        corners = _polygon_on(vertebra.get("polygons"), index, view)
         if corners is None:
             continue
         closed = np.vstack([corners, corners[:1]])
@@ -61,9 +67,12 @@ def render_qc(series: Series, vertebrae: pd.DataFrame | None, discs: pd.DataFram
         if box is None or (isinstance(box, float) and np.isnan(box)):
             continue
         box = np.asarray(box, dtype=float).reshape(4, 2)
+        centre_slice = disc.get("centre_slice")
+        box_slice = int(round(float(centre_slice))) if centre_slice is not None and np.isfinite(centre_slice) else index
+        box = next(iter(view.from_stored_polygons({box_slice: box}).values()))
         closed = np.vstack([box, box[:1]])
         axis.plot(closed[:, 1], closed[:, 0], color="#ff4081", linewidth=0.9, linestyle="--")
-    axis.set_title(title or f"slice {index + 1}/{series.volume.shape[0]}", fontsize=8)
+    axis.set_title(title or f"slice {index + 1}/{series.volume.shape[0]}", fontsize=8)  # the stored slice number
     axis.set_axis_off()
     figure.tight_layout(pad=0.2)
     buffer = io.BytesIO()

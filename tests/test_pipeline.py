@@ -84,5 +84,8 @@ def test_a_series_stored_turned_by_90_degrees_gets_the_same_levels_and_patient_p
     # stored-grid coordinates: the turned series' row is the upright one's col
     np.testing.assert_allclose(side["centroid_row"], up["centroid_col"], atol=1e-3)
     np.testing.assert_allclose(side["centroid_col"], up["centroid_row"], atol=1e-3)
-    discs = pd.read_parquet(paths["discs"])
-    assert sorted(discs[discs.scan_id == "side"]["level"]) == sorted(discs[discs.scan_id == "up"]["level"])
+    discs = pd.read_parquet(paths["discs"]).set_index(["scan_id", "level"]).sort_index()
+    assert list(discs.loc["side"].index) == list(discs.loc["up"].index)
+    # the same disc volumes, so the same grades and sizes
+    for column in ("Pfirrmann", "Narrowing", "CentralCanalStenosis", "width_mm", "height_mm", "angle_deg"):
+        np.testing.assert_allclose(discs.loc["side", column].astype(float), discs.loc["up", column].astype(float), atol=1e-6)
