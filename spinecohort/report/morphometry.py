@@ -90,6 +90,7 @@ def fracture_crop(series_file: Any, polygons: Any, slice_index: int, title: str,
     """A PNG data URI: the measured slice around one body with its corner landmarks.
     ``series_file``: a stored series (path) or the :class:`~spinecohort.ingest.Series` itself."""
     from ..ingest import Series, load_series
+    from ..orientation import CanonicalView
 
     if isinstance(series_file, Series):
         series = series_file
@@ -101,9 +102,11 @@ def fracture_crop(series_file: Any, polygons: Any, slice_index: int, title: str,
     polys = polygons_of(polygons)
     if slice_index not in polys or not 0 <= slice_index < series.volume.shape[0]:
         return None
-    quad = polys[slice_index]
-    row_mm, col_mm = series.pixel_spacing_mm
-    image = series.volume[slice_index]
+    # drawn upright (the canonical view) whatever the stored orientation, as the QC pictures
+    view = CanonicalView.of(series)
+    view_slice, quad = next(iter(view.from_stored_polygons({slice_index: polys[slice_index]}).items()))
+    row_mm, col_mm = view.pixel_spacing_mm
+    image = view.volume[view_slice]
     r0, c0 = np.floor(quad.min(0) - [margin_mm / row_mm, margin_mm / col_mm]).astype(int)
     r1, c1 = np.ceil(quad.max(0) + [margin_mm / row_mm, margin_mm / col_mm]).astype(int)
     r0, c0 = max(r0, 0), max(c0, 0)
