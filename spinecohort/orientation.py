@@ -40,9 +40,9 @@ class CanonicalView:
 
     volume: np.ndarray
     flips: tuple[bool, bool, bool]
-    turned: bool = False
     #: (row, col) pixel spacing of the view, mm (the stored one, swapped when turned)
-    pixel_spacing_mm: tuple[float, float] | None = None
+    pixel_spacing_mm: tuple[float, float]
+    turned: bool = False
 
     @classmethod
     def of(cls, series: Series) -> CanonicalView:
