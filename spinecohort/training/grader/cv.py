@@ -10,7 +10,7 @@ import pandas as pd
 from ...tasks import TASKS
 from .recipe import TrainConfig, fit, load_ivv_arrays, make_targets, predict_probs
 
-__all__ = ["patient_folds", "load_init_state", "init_arch", "cross_validate"]
+__all__ = ["patient_folds", "load_init", "load_init_state", "cross_validate"]
 
 
 def patient_folds(subjects: Sequence[str], k: int, seed: int) -> np.ndarray:
@@ -24,34 +24,30 @@ def patient_folds(subjects: Sequence[str], k: int, seed: int) -> np.ndarray:
     return subj.map(fold_of).to_numpy(np.int64)
 
 
-def load_init_state(init_weights) -> dict | None:
-    """The state dict to start from: a checkpoint path read (an ensemble's first member), a dict as
-    given, None for scratch."""
+def load_init(init_weights, default_arch: dict) -> tuple[dict, dict | None]:
+    """``(arch, state_dict)`` to start from, the checkpoint read once: a path's architecture and
+    weights (an ensemble's first member: the recipe trains one network), a state dict given as is
+    with ``default_arch``, or ``(default_arch, None)`` for scratch."""
     if init_weights is None:
-        return None
-    import torch
-
-    from ...nets.grader_slices import first_member
-
+        return default_arch, None
     if isinstance(init_weights, dict):
-        return init_weights
-    payload = torch.load(init_weights, map_location="cpu", weights_only=True)
-    if isinstance(payload, dict) and "state_dict" in payload:
-        return first_member(payload.get("arch") or {}, payload["state_dict"])[1]
-    return payload
-
-
-def init_arch(init_weights, default: dict) -> dict:
-    """The architecture of the checkpoint to start from (``default`` without one; an ensemble's
-    first member)."""
-    if init_weights is None or isinstance(init_weights, dict):
-        return default
+        return default_arch, init_weights
     import torch
 
     from ...nets.grader_slices import first_member
 
     payload = torch.load(init_weights, map_location="cpu", weights_only=True)
-    return first_member(payload.get("arch") or default, {})[0] if isinstance(payload, dict) else default
+    if not isinstance(payload, dict):
+        return default_arch, payload
+    state = payload["state_dict"] if "state_dict" in payload else payload
+    if not payload.get("arch"):
+        return default_arch, state
+    return first_member(payload["arch"], state)
+
+
+def load_init_state(init_weights) -> dict | None:
+    """The state dict to start from (:func:`load_init` without the architecture)."""
+    return load_init(init_weights, {})[1]
 
 
 def cross_validate(ivv_table: pd.DataFrame | str | Path, labels: pd.DataFrame | str | Path, k: int = 5,
@@ -65,9 +61,7 @@ def cross_validate(ivv_table: pd.DataFrame | str | Path, labels: pd.DataFrame | 
     from ...grade import Grader, grades_frame
 
     cfg = config or TrainConfig(seed=seed)
-    init_state = load_init_state(init_weights)
-    if init_weights is not None:
-        cfg.arch = init_arch(init_weights, cfg.arch)
+    cfg.arch, init_state = load_init(init_weights, cfg.arch)
     X, keys = load_ivv_arrays(ivv_table)
     targets = make_targets(keys, labels, readers)
     if k < 2:

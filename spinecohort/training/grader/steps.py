@@ -16,7 +16,7 @@ import pandas as pd
 
 from ...tasks import TASKS
 from ..grader_rules import CV_DIR, IVV_STAGE, init_weights_path
-from .cv import cross_validate, init_arch, load_init_state
+from .cv import cross_validate, load_init
 from .recipe import TrainConfig, fit, load_ivv_arrays, make_targets, read_frame
 
 __all__ = [
@@ -208,15 +208,14 @@ def run_final(config: Mapping[str, Any], ivv_table: str | Path, labels: str | Pa
     device = torch_device(config)
     init = init_weights_path(settings["init_weights"])
     cfg = recipe or train_config(config)
-    if init is not None:
-        cfg.arch = init_arch(init, cfg.arch)
+    cfg.arch, init_state = load_init(init, cfg.arch)
     table = read_frame(ivv_table)
     X, keys = load_ivv_arrays(table)
     targets = make_targets(keys, labels, settings.get("readers"))
     keep = np.any(np.stack([t.sum(1) > 0 for t in targets], 1), axis=1)
     log(f"final model on {int(keep.sum())} labelled discs, init {init or 'scratch'}, device {device}")
     t0 = time.time()
-    net = fit(X[keep], [t[keep] for t in targets], cfg, init_state=load_init_state(init), log=log, device=device)
+    net = fit(X[keep], [t[keep] for t in targets], cfg, init_state=init_state, log=log, device=device)
     seconds = time.time() - t0
     kept = keys[keep]
     readers = settings.get("readers")
