@@ -75,18 +75,24 @@ class CanonicalView:
         points = np.array(points, dtype=float, copy=True).reshape(-1, 3)
         return self._flip(points[:, [0, 2, 1]] if self.turned else points)
 
-    def _map_polygons(self, polygons: Mapping[int, np.ndarray], to_points) -> dict[int, np.ndarray]:
-        mapped = {}
-        for slice_index, corners in polygons.items():
-            corners = np.asarray(corners, dtype=float).reshape(4, 2)
-            moved = to_points(np.column_stack([np.full(4, float(slice_index)), corners]))
-            mapped[int(round(moved[0, 0]))] = moved[:, 1:]
-        return mapped
+    def to_stored_quad(self, slice_index: int, corners: np.ndarray) -> tuple[int, np.ndarray]:
+        """One (4, 2) (row, col) quadrilateral on a view slice -> (stored slice, corners)."""
+        return self._map_quad(slice_index, corners, self.to_stored_points)
+
+    def from_stored_quad(self, slice_index: int, corners: np.ndarray) -> tuple[int, np.ndarray]:
+        """One (4, 2) (row, col) quadrilateral on a stored slice -> (view slice, corners)."""
+        return self._map_quad(slice_index, corners, self.from_stored_points)
+
+    @staticmethod
+    def _map_quad(slice_index: int, corners: np.ndarray, to_points) -> tuple[int, np.ndarray]:
+        corners = np.asarray(corners, dtype=float).reshape(4, 2)
+        moved = to_points(np.column_stack([np.full(4, float(slice_index)), corners]))
+        return int(round(moved[0, 0])), moved[:, 1:]
 
     def to_stored_polygons(self, polygons: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
         """{slice: (4, 2) (row, col)} in the view -> the stored grid (corner order kept)."""
-        return self._map_polygons(polygons, self.to_stored_points)
+        return dict(self.to_stored_quad(s, q) for s, q in polygons.items())
 
     def from_stored_polygons(self, polygons: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
         """{slice: (4, 2) (row, col)} in the stored grid -> the view (corner order kept)."""
-        return self._map_polygons(polygons, self.from_stored_points)
+        return dict(self.from_stored_quad(s, q) for s, q in polygons.items())

@@ -28,8 +28,7 @@ def _polygon_on(polygons, slice_index: int, view: CanonicalView) -> np.ndarray |
     if polygons is None or len(polygons) == 0:
         return None
     best = min(polygons, key=lambda p: abs(int(p["slice"]) - slice_index))
-    corners = np.asarray(best["corners"], dtype=float).reshape(4, 2)
-    return next(iter(view.from_stored_polygons({int(best["slice"]): corners}).values()))
+    return view.from_stored_quad(int(best["slice"]), best["corners"])[1]
 
 
 def render_qc(series: Series, vertebrae: pd.DataFrame | None, discs: pd.DataFrame | None, path: str | Path,
@@ -66,10 +65,9 @@ def render_qc(series: Series, vertebrae: pd.DataFrame | None, discs: pd.DataFram
         box = disc.get("box_corners")
         if box is None or (isinstance(box, float) and np.isnan(box)):
             continue
-        box = np.asarray(box, dtype=float).reshape(4, 2)
         centre_slice = disc.get("centre_slice")
         box_slice = int(round(float(centre_slice))) if centre_slice is not None and np.isfinite(centre_slice) else index
-        box = next(iter(view.from_stored_polygons({box_slice: box}).values()))
+        box = view.from_stored_quad(box_slice, box)[1]
         closed = np.vstack([box, box[:1]])
         axis.plot(closed[:, 1], closed[:, 0], color="#ff4081", linewidth=0.9, linestyle="--")
     axis.set_title(title or f"slice {index + 1}/{series.volume.shape[0]}", fontsize=8)  # the stored slice number

@@ -209,7 +209,7 @@ class ExtractDiscsStage(Stage):
         records = []
         for ivv in ivvs:
             centre = scan.canonical.to_stored_points(np.asarray(ivv.centre, dtype=float))[0]
-            box = scan.canonical.to_stored_polygons({int(round(ivv.centre[0])): ivv.box_corners})
+            _, box = scan.canonical.to_stored_quad(int(round(ivv.centre[0])), ivv.box_corners)
             x, y, z = series.to_patient(centre)[0]
             records.append({
                 "scan_id": scan.scan_id, "level": ivv.level,
@@ -218,7 +218,7 @@ class ExtractDiscsStage(Stage):
                 "centre_x_mm": float(x), "centre_y_mm": float(y), "centre_z_mm": float(z),
                 "angle_deg": float(np.degrees(ivv.angle_rad)),
                 "width_mm": float(ivv.width_px * col_mm), "height_mm": float(ivv.height_px * row_mm),
-                "box_corners": [float(v) for v in next(iter(box.values())).reshape(-1)],
+                "box_corners": [float(v) for v in box.reshape(-1)],
                 # source slices the IVV holds (the rest is zero padding): what grading sees
                 "grading_slices": int(sum(s >= 0 for s in ivv.slices)),
                 # L5-S1 placed below L5 because the sacrum was not detected (discs.estimated_s1)

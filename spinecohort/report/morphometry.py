@@ -104,7 +104,7 @@ def fracture_crop(series_file: Any, polygons: Any, slice_index: int, title: str,
         return None
     # drawn upright (the canonical view) whatever the stored orientation, as the QC pictures
     view = CanonicalView.of(series)
-    view_slice, quad = next(iter(view.from_stored_polygons({slice_index: polys[slice_index]}).items()))
+    view_slice, quad = view.from_stored_quad(slice_index, polys[slice_index])
     row_mm, col_mm = view.pixel_spacing_mm
     image = view.volume[view_slice]
     r0, c0 = np.floor(quad.min(0) - [margin_mm / row_mm, margin_mm / col_mm]).astype(int)
