@@ -45,8 +45,7 @@ def main() -> None:
     per_series, shifts = [], collections.Counter()
     for row in pd.read_csv(root / "series.csv", dtype={"series": str}).itertuples(index=False):
         volume, spacing = spider_volume(root, row)
-        verts = [{"polygons": d.polygons, "centroid": d.centroid, "found_at_low_threshold": d.found_at_low_threshold}
-                 for d in detector.detect(volume, spacing)]
+        verts = detector.detect(volume, spacing)  # label_scan reads the detections as they are
         if not verts:
             continue
         labels, _ = labeller.label_scan(volume, spacing, float(row.slice_thickness_mm), verts)
@@ -57,7 +56,7 @@ def main() -> None:
         before = [labels[i][0] for i in lumbar_up]
         after = [level for level, _ in again]
         # lumbar_up keeps the input order; the lowest body is the one furthest down the image
-        lowest = max(range(len(lumbar_up)), key=lambda k: verts[lumbar_up[k]]["centroid"][1])
+        lowest = max(range(len(lumbar_up)), key=lambda k: verts[lumbar_up[k]].centroid[1])
         if before != after:
             shifts[f"{before[lowest]} -> {after[lowest]}"] += 1
         per_series.append({"series": row.series, "kept": before == after, "before": before, "after": after,
